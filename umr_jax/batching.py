@@ -91,3 +91,89 @@ def _pad(token_ids: Sequence[Sequence[int]], take: np.ndarray, size: int, length
     # Filler rows get one visible token so no softmax row is fully masked.
     mask[len(take):, 0] = 1
     return Batch(rows=rows, ids=ids, mask=mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    """Several texts per row. `rows[r, s]` is the text in segment s + 1 of row r (-1: none)."""
+
+    rows: np.ndarray
+    ids: np.ndarray
+    segments: np.ndarray
+    positions: np.ndarray
+
+
+def pack_rows(lengths: np.ndarray, row_lengths: Sequence[int], max_segments: int) -> list[tuple[int, list[int]]]:
+    """Best-fit-decreasing bin packing of texts into rows; returns (row length, texts) per row.
+
+    Texts are placed longest first, each into the open row with the least room
+    that still fits it (at most `max_segments` texts per row); only when none
+    fits is a new row opened, of the smallest allowed length that holds the
+    text. Short texts thus fill the gaps of long rows first and the rest land in
+    short rows, whose attention costs less (it grows with the row length).
+    Rows are kept in lists by free room: a placement costs O(max row length).
+    """
+    row_lengths = sorted(int(r) for r in row_lengths)
+    longest = row_lengths[-1]
+    if len(lengths) and lengths.max() > longest:
+        raise ValueError(f"text of {int(lengths.max())} tokens does not fit a packed row of {longest}")
+    by_room: list[list[int]] = [[] for _ in range(longest + 1)]  # free room -> open row ids
+    rows: list[tuple[int, list[int]]] = []
+    room: list[int] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[i])
+        target = next((r for r in range(n, longest + 1) if by_room[r]), None)
+        if target is None:
+            size = next(r for r in row_lengths if r >= n)
+            rows.append((size, []))
+            room.append(size)
+            row = len(rows) - 1
+        else:
+            row = by_room[target].pop()
+        rows[row][1].append(int(i))
+        room[row] -= n
+        if len(rows[row][1]) < max_segments and room[row] > 0:
+            by_room[room[row]].append(row)
+    return rows
+
+
+def plan_packed(token_ids: Sequence[Sequence[int]], row_lengths: Sequence[int], tokens_per_batch: int,
+                max_segments: int, pad_id: int, multiple_of: int = 1) -> list[PackedBatch]:
+    """Packs texts into batches of one shape per row length (plus halvings for each tail)."""
+    lengths = np.fromiter((len(t) for t in token_ids), dtype=np.int64, count=len(token_ids))
+    if len(lengths) and lengths.min() == 0:
+        raise ValueError(f"text {int(np.argmin(lengths))} has no tokens")
+    packed = pack_rows(lengths, row_lengths, max_segments)
+    batches = []
+    for row_length in sorted({size for size, _ in packed}):
+        rows = [texts for size, texts in packed if size == row_length]
+        sizes = _tail_sizes(batch_rows_for(row_length, tokens_per_batch, multiple_of), multiple_of)
+        start = 0
+        while start < len(rows):
+            remaining = len(rows) - start
+            size = sizes[0]
+            for s in sizes:
+                if s >= remaining:
+                    size = s
+            batches.append(_fill_packed(token_ids, rows[start:start + size], size, row_length,
+                                        max_segments, pad_id))
+            start += size
+    return batches
+
+
+def _fill_packed(token_ids: Sequence[Sequence[int]], rows: list[list[int]], size: int, row_length: int,
+                 max_segments: int, pad_id: int) -> PackedBatch:
+    ids = np.full((size, row_length), pad_id, dtype=np.int32)
+    segments = np.zeros((size, row_length), dtype=np.int32)
+    positions = np.zeros((size, row_length), dtype=np.int32)
+    members = np.full((size, max_segments), -1, dtype=np.int64)
+    for r, texts in enumerate(rows):
+        offset = 0
+        for s, i in enumerate(texts):
+            t = token_ids[i]
+            ids[r, offset:offset + len(t)] = t
+            segments[r, offset:offset + len(t)] = s + 1
+            positions[r, offset:offset + len(t)] = np.arange(len(t))
+            members[r, s] = i
+            offset += len(t)
+    return PackedBatch(rows=members, ids=ids, segments=segments, positions=positions)

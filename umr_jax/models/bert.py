@@ -143,11 +143,15 @@ class Embeddings(nnx.Module):
         self.norm = LayerNorm(h, cfg.layer_norm_eps, param_dtype)
         self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
 
-    def __call__(self, ids: jax.Array, *, deterministic: bool) -> jax.Array:
-        length = ids.shape[1]
+    def __call__(self, ids: jax.Array, positions: jax.Array | None = None, *,
+                 deterministic: bool) -> jax.Array:
         x = jnp.take(self.word[...], ids, axis=0)
+        if positions is None:
+            pos = self.position[: ids.shape[1]][None]
+        else:  # packed rows: positions restart at 0 for every text
+            pos = jnp.take(self.position[...], positions, axis=0)
         # Token type 0 for every token: retrieval inputs are single segments.
-        x = x + self.position[:length][None] + self.token_type[0][None, None]
+        x = x + pos + self.token_type[0][None, None]
         x = self.norm(x.astype(self.dtype))
         return self.dropout(x, deterministic=deterministic)
 
@@ -166,19 +170,22 @@ class SelfAttention(nnx.Module):
         self.out_dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
+        # Straight into (batch, heads, length, head_dim): the attention
+        # matmuls below then batch over leading dimensions, which XLA runs
+        # without transposes (about 3x faster on CPU than a (b, t, h, d) layout).
         kernel = getattr(self, f"{name}_kernel")[...].astype(self.dtype)
         bias = getattr(self, f"{name}_bias")[...].astype(self.dtype)
-        return jnp.einsum("bte,ehd->bthd", x, kernel) + bias
+        return jnp.einsum("bte,ehd->bhtd", x, kernel) + bias[None, :, None, :]
 
     def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool) -> jax.Array:
         q = self._project(x, "query") * jnp.asarray(self.scale, self.dtype)
         k = self._project(x, "key")
         v = self._project(x, "value")
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        out = jnp.einsum("bqhd,hde->bqe", ctx, self.out_kernel[...].astype(self.dtype))
+        ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+        out = jnp.einsum("bhqd,hde->bqe", ctx, self.out_kernel[...].astype(self.dtype))
         out = out + self.out_bias[...].astype(self.dtype)
         return self.out_dropout(out, deterministic=deterministic)
 
@@ -241,21 +248,48 @@ class BertEncoder(nnx.Module):
         # Additive key mask, broadcast over heads and query positions; float32
         # so that -1e9 survives whatever the compute dtype is.
         bias = jnp.where(mask[:, None, None, :] > 0, 0.0, -1e9).astype(jnp.float32)
-        x = self.embeddings(ids, deterministic=deterministic)
+        return self._layers(self.embeddings(ids, deterministic=deterministic), bias, deterministic)
+
+    def _layers(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
         for layer in self.layers:
             x = layer(x, bias, deterministic=deterministic)
         return x
 
+    def _finish(self, pooled: jax.Array) -> jax.Array:
+        if self.normalize:
+            pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        return pooled
+
     def __call__(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """One padded text per row -> (batch, hidden)."""
         x = self.hidden_states(ids, mask, deterministic=deterministic).astype(jnp.float32)
         if self.pooling == "cls":
             pooled = x[:, 0]
         else:
             weights = mask.astype(jnp.float32)[..., None]
             pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
-        if self.normalize:
-            pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
-        return pooled
+        return self._finish(pooled)
+
+    def packed(self, ids: jax.Array, segments: jax.Array, positions: jax.Array, num_segments: int, *,
+               deterministic: bool = True) -> jax.Array:
+        """Several texts per row -> (rows, num_segments, hidden).
+
+        `segments[r, t]` is 1..num_segments for the text token t belongs to
+        (0 = padding) and `positions` restart at 0 for every text. Attention is
+        block-diagonal, so each text sees only itself and the result equals
+        encoding the texts one per row, without padding every text to the
+        longest: on a CPU padding is the largest waste in corpus encoding.
+        """
+        same = segments[:, :, None] == segments[:, None, :]
+        visible = same & (segments[:, None, :] > 0)
+        bias = jnp.where(visible[:, None], 0.0, -1e9).astype(jnp.float32)
+        x = self._layers(self.embeddings(ids, positions, deterministic=deterministic), bias, deterministic)
+        member = segments[..., None] == jnp.arange(1, num_segments + 1)  # (rows, length, segments)
+        if self.pooling == "cls":
+            member = member & (positions[..., None] == 0)
+        weights = member.astype(jnp.float32)
+        totals = jnp.einsum("rts,rth->rsh", weights, x.astype(jnp.float32))
+        return self._finish(totals / jnp.maximum(weights.sum(1), 1.0)[..., None])
 
 
 class DualEncoder(nnx.Module):

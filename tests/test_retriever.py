@@ -1,0 +1,78 @@
+"""The Retriever end to end on a tiny checkpoint: tokenize, batch, shard, encode, export."""
+
+import numpy as np
+import pytest
+import transformers
+
+from helpers import TINY, tiny_torch_bert, torch_pooled
+from umr_jax import sharding
+from umr_jax.retriever import Retriever, default_config
+
+TEXTS = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15", "w16 w17", "w3 w3 w3 w3 w3 w3",
+         "w20 w21 w22 w23", "w7 w8", "w30 w31 w32 w33 w34 w35 w36 w37 w38 w39 w40 w41 w42 w43 w44 w45"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    ref = tiny_torch_bert(seed=7)
+    ref.save_pretrained(root)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(TINY["vocab_size"] - 5)]
+    (root / "vocab.txt").write_text("\n".join(words) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(root)
+    return ref, str(root)
+
+
+def _config(path: str, **overrides):
+    cfg = default_config()
+    cfg.checkpoint = path
+    cfg.query_prefix = cfg.passage_prefix = ""
+    cfg.normalize = False
+    cfg.max_query_length = cfg.max_passage_length = 24
+    cfg.pack_row_lengths = (8, 16, 24)
+    cfg.length_buckets = (8, 16, 24)
+    cfg.tokens_per_batch = 64
+    cfg.update(overrides)
+    return cfg
+
+
+def _reference(ref, retriever, texts):
+    out = []
+    for ids in retriever.tokenize(texts, "passage"):
+        ids = np.asarray([ids])
+        out.append(torch_pooled(ref, ids, np.ones_like(ids))[0])
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (4, 2), (-1, 1)])
+def test_encode_matches_reference_on_any_mesh(tiny_dir, eight_devices, packing, mesh_shape):
+    import jax
+    ref, path = tiny_dir
+    devices = jax.devices()[:1] if mesh_shape == (1, 1) else None
+    r = Retriever.from_config(_config(path, packing=packing), sharding.make_mesh(mesh_shape, devices=devices))
+    got = r.encode(TEXTS, "passage", progress=False)
+    np.testing.assert_allclose(got, _reference(ref, r, TEXTS), atol=1e-4, rtol=0)
+    assert r.encode([], "query", progress=False).shape == (0, 32)
+
+
+def test_towers_are_separate_and_export_round_trips(tiny_dir, tmp_path, eight_devices):
+    _, path = tiny_dir
+    r = Retriever.from_config(_config(path), sharding.make_mesh((4, 2)))
+    assert not r.model.shared
+    q = r.encode(TEXTS, "query", progress=False)
+    np.testing.assert_allclose(q, r.encode(TEXTS, "passage", progress=False), atol=1e-6)  # same init
+    out = r.export(str(tmp_path / "passage"), tower="passage")
+    back = transformers.AutoModel.from_pretrained(out).eval()
+    np.testing.assert_allclose(_reference(back, r, TEXTS), q, atol=1e-5, rtol=0)
+    shared = Retriever.from_config(_config(path, shared_towers=True), sharding.make_mesh((4, 2)))
+    assert shared.model.shared
+
+
+def test_bad_settings(tiny_dir):
+    _, path = tiny_dir
+    r = Retriever.from_config(_config(path, max_passage_length=64), sharding.make_mesh((-1, 1)))
+    with pytest.raises(ValueError, match="max_passage_length 64 exceeds the model's 40 positions"):
+        r.encode(["w1"], "passage", progress=False)
+    with pytest.raises(ValueError, match="unknown tower 'doc'"):
+        r.encode(["w1"], "doc", progress=False)

@@ -76,3 +76,22 @@ def test_bad_settings(tiny_dir):
         r.encode(["w1"], "passage", progress=False)
     with pytest.raises(ValueError, match="unknown tower 'doc'"):
         r.encode(["w1"], "doc", progress=False)
+
+
+def test_export_cli(tiny_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    ref, path = tiny_dir
+    out = tmp_path / "cli"
+    env = {**os.environ, "XLA_FLAGS": "", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-m", "umr_jax.export", f"--config.checkpoint={path}",
+                           "--config.normalize=False", f"--out={out}", "--tower=query"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    back = transformers.AutoModel.from_pretrained(out).eval()
+    ids, mask = np.asarray([[2, 7, 8, 9, 3]]), np.ones((1, 5), np.int64)
+    np.testing.assert_allclose(torch_pooled(back, ids, mask), torch_pooled(ref, ids, mask), atol=1e-6)
+    bad = subprocess.run([sys.executable, "-m", "umr_jax.export", "--config.checkpoint=/nope", f"--out={out}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode != 0 and "no such directory, and not a hub id" in bad.stderr

@@ -203,6 +203,8 @@ def export_hf(encoder: BertEncoder, tokenizer: Any, out_dir: str,
         usage = {"pooling": encoder.pooling, "normalize": encoder.normalize, **(extra or {})}
         with open(os.path.join(tmp, "umr_jax.json"), "w", encoding="utf-8") as f:
             json.dump(usage, f, indent=2, sort_keys=True)
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o644)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -45,6 +45,12 @@ def _tail_sizes(full: int, multiple_of: int) -> list[int]:
     return sizes
 
 
+def _next_batch_size(sizes: list[int], remaining: int) -> int:
+    """The smallest of `sizes` (largest first) that holds `remaining` rows, else the largest."""
+    fitting = [s for s in sizes if s >= remaining]
+    return fitting[-1] if fitting else sizes[0]
+
+
 def plan_batches(token_ids: Sequence[Sequence[int]], buckets: Sequence[int], tokens_per_batch: int,
                  pad_id: int, multiple_of: int = 1) -> list[Batch]:
     """Groups tokenized texts into padded batches (see module docstring).
@@ -67,11 +73,7 @@ def plan_batches(token_ids: Sequence[Sequence[int]], buckets: Sequence[int], tok
         sizes = _tail_sizes(batch_rows_for(bucket, tokens_per_batch, multiple_of), multiple_of)
         start = 0
         while start < len(members):
-            remaining = len(members) - start
-            size = sizes[0]
-            for s in sizes:  # smallest size that still holds the remainder
-                if s >= remaining:
-                    size = s
+            size = _next_batch_size(sizes, len(members) - start)
             take = members[start:start + size]
             start += len(take)
             batches.append(_pad(token_ids, take, size, bucket, pad_id))
@@ -150,11 +152,7 @@ def plan_packed(token_ids: Sequence[Sequence[int]], row_lengths: Sequence[int], 
         sizes = _tail_sizes(batch_rows_for(row_length, tokens_per_batch, multiple_of), multiple_of)
         start = 0
         while start < len(rows):
-            remaining = len(rows) - start
-            size = sizes[0]
-            for s in sizes:
-                if s >= remaining:
-                    size = s
+            size = _next_batch_size(sizes, len(rows) - start)
             batches.append(_fill_packed(token_ids, rows[start:start + size], size, row_length,
                                         max_segments, pad_id))
             start += size

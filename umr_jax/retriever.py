@@ -46,9 +46,10 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.dtype = "float32"  # compute dtype; 'bfloat16' on TPU/GPU
     cfg.max_query_length = 64
     cfg.max_passage_length = 256
-    # Batching. packing=True puts several texts in one row of the tower's max
-    # length with block-diagonal attention (one compiled shape, ~97% real
-    # tokens); packing=False pads each text to the smallest length bucket.
+    # Batching. packing=True puts several texts in each row (rows of the
+    # lengths below, block-diagonal attention; ~95% real tokens, one compiled
+    # shape per row length); packing=False pads each text to the smallest
+    # length bucket (~80% real tokens).
     cfg.packing = True
     cfg.pack_row_lengths = (64, 128, 256, 512)  # capped at the tower's max length
     cfg.pack_max_segments = 32  # texts per packed row, at most

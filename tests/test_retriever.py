@@ -95,3 +95,32 @@ def test_export_cli(tiny_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "umr_jax.export", "--config.checkpoint=/nope", f"--out={out}"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode != 0 and "no such directory, and not a hub id" in bad.stderr
+
+
+def test_retrieve_stage_end_to_end_and_resume(tiny_dir, tmp_path, eight_devices):
+    """corpus TSV + queries JSONL -> run files equal to brute-force ranking of the same embeddings."""
+    import json
+
+    from umr_jax import retrieve, run_files
+    _, path = tiny_dir
+    corpus = tmp_path / "corpus.tsv"
+    corpus.write_text("id\ttext\ttitle\n" + "".join(f"d{i}\t{t}\tw{i}\n" for i, t in enumerate(TEXTS)))
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"id": f"q{i}", "text": t, "lang": "en"}) + "\n"
+                               for i, t in enumerate(TEXTS[:3])))
+    cfg = retrieve.default_config()
+    cfg.retriever = _config(path)
+    cfg.k, cfg.encode.chunk_size, cfg.index.backend = 5, 3, "exact"
+    work = tmp_path / "work"
+    rankings = retrieve.run(cfg, str(corpus), str(queries), str(work))
+    r = Retriever.from_config(cfg.retriever, sharding.make_mesh((-1, 1)))
+    p = r.encode([f"w{i} {t}" for i, t in enumerate(TEXTS)], "passage", progress=False)
+    q = r.encode(TEXTS[:3], "query", progress=False)
+    expected = np.argsort(-(q @ p.T), axis=1, kind="stable")[:, :5]
+    assert [x.passage_ids for x in rankings] == [[f"d{i}" for i in row] for row in expected]
+    assert run_files.read_jsonl(work / "run.jsonl") == rankings
+    assert len((work / "run.trec").read_text().splitlines()) == 15
+    marker = work / "embeddings" / "chunk-000000.json"
+    stamp = marker.stat().st_mtime_ns
+    assert retrieve.run(cfg, str(corpus), str(queries), str(work)) == rankings
+    assert marker.stat().st_mtime_ns == stamp  # finished chunks are not encoded again

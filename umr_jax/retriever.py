@@ -146,10 +146,14 @@ class Retriever:
         return self._encode_fns[tower]
 
     def encode(self, texts: Sequence[str], tower: str, *, progress: bool = True,
-               desc: str | None = None) -> np.ndarray:
-        """Embeddings (len(texts), hidden) in input order, float32."""
+               desc: str | None = None, bar: tqdm | None = None) -> np.ndarray:
+        """Embeddings (len(texts), hidden) in input order, float32.
+
+        `bar`: an outer progress bar to advance (corpus encoding spans many
+        calls) instead of a bar per call.
+        """
         token_ids = self.tokenize(texts, tower) if len(texts) else []
-        return self.encode_tokens(token_ids, tower, progress=progress, desc=desc)
+        return self.encode_tokens(token_ids, tower, progress=progress, desc=desc, bar=bar)
 
     def _plan(self, token_ids: Sequence[Sequence[int]], tower: str) -> list[tuple[np.ndarray, tuple]]:
         """(text index per output slot, host arrays) for every batch."""
@@ -168,7 +172,7 @@ class Retriever:
         return [(b.rows, (b.ids, b.mask)) for b in batches]
 
     def encode_tokens(self, token_ids: Sequence[Sequence[int]], tower: str, *, progress: bool = True,
-                      desc: str | None = None) -> np.ndarray:
+                      desc: str | None = None, bar: tqdm | None = None) -> np.ndarray:
         hidden = self.tower(tower).config.hidden_size
         out = np.zeros((len(token_ids), hidden), dtype=np.float32)
         if not len(token_ids):
@@ -177,8 +181,11 @@ class Retriever:
         fn = self.encode_fn(tower)
         _, state = nnx.split(self.tower(tower))  # current weights (after training, too)
         start = time.perf_counter()
-        with tqdm(total=len(token_ids), desc=desc or f"encode {tower}", unit="text",
-                  disable=not progress, smoothing=0.1) as bar:
+        own_bar = bar is None
+        if own_bar:
+            bar = tqdm(total=len(token_ids), desc=desc or f"encode {tower}", unit="text",
+                       disable=not progress, smoothing=0.1)
+        try:
             pending = []
             for rows, arrays in plan:
                 pending.append((rows, fn(state, *sharding.shard_batch(arrays, self.mesh, self.rules))))
@@ -186,7 +193,11 @@ class Retriever:
                     self._collect(*pending.pop(0), out, bar)
             for item in pending:
                 self._collect(*item, out, bar)
-        logging.info("encoded %d %s texts in %.1fs", len(token_ids), tower, time.perf_counter() - start)
+        finally:
+            if own_bar:
+                bar.close()
+        if own_bar:
+            logging.info("encoded %d %s texts in %.1fs", len(token_ids), tower, time.perf_counter() - start)
         return out
 
     @staticmethod

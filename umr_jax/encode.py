@@ -1,0 +1,217 @@
+"""Corpus -> passage embeddings on disk, in chunks that survive a killed run.
+
+The corpus is cut into fixed chunks of lines (see :mod:`umr_jax.data.readers`).
+Each chunk is encoded with the retriever's passage tower (data-parallel over
+the mesh, length-bucketed or packed) and written as three files:
+
+  chunk-000012.npy        embeddings (count, dim)
+  chunk-000012.ids.txt    passage ids, one per line, same order
+  chunk-000012.json       commit marker: count, dim, dtype, skip counts
+
+The marker is written last and atomically, so a chunk without a valid marker
+is simply encoded again. JAX process `p` of `n` encodes chunks c with
+c % n == p (give the retriever a process-local mesh), then writes
+`done-p-of-n.json`; the store is complete when all n processes are done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from umr_jax import atomic
+from umr_jax.data.readers import OnError, Passage, ReadReport, check_on_error, iter_passage_chunks
+
+
+def default_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.chunk_size = 100_000  # passages per on-disk chunk: the unit of resumption
+    cfg.passage_template = "{title} {text}"  # Contriever/DPR join title and text with a space
+    cfg.on_error = "raise"  # bad corpus lines: 'raise' (file:line error) or 'skip' (counted)
+    cfg.dtype = "float32"  # on-disk embedding dtype ('float16' halves 21M x 768 to 32 GB)
+    return cfg
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+def format_passage(p: Passage, template: str) -> str:
+    return template.format(title=p.title, text=p.text).strip()
+
+
+@dataclasses.dataclass
+class EmbeddingStore:
+    """A directory of committed embedding chunks (see module docstring)."""
+
+    directory: str
+
+    def _path(self, chunk: int, suffix: str) -> str:
+        return os.path.join(self.directory, f"chunk-{chunk:06d}{suffix}")
+
+    def chunk_indices(self) -> list[int]:
+        """Chunks whose commit marker exists (their data files are checked on read)."""
+        found = []
+        for path in glob.glob(os.path.join(self.directory, "chunk-*.json")):
+            m = re.fullmatch(r"chunk-(\d+)\.json", os.path.basename(path))
+            if m:
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def valid_chunks(self) -> set[int]:
+        """Committed chunks whose files are intact; anything else is re-encoded."""
+        good = set()
+        for c in self.chunk_indices():
+            try:
+                self.read_chunk(c, mmap=True)
+                good.add(c)
+            except StoreError as e:
+                logging.warning("re-encoding chunk %d: %s", c, e)
+        return good
+
+    def write_chunk(self, chunk: int, ids: Sequence[str], embeddings: np.ndarray, report: ReadReport) -> None:
+        if len(ids) != len(embeddings):
+            raise ValueError(f"chunk {chunk}: {len(ids)} ids but {len(embeddings)} embeddings")
+        atomic.save_npy(self._path(chunk, ".npy"), embeddings)
+        atomic.write_text(self._path(chunk, ".ids.txt"), "".join(f"{i}\n" for i in ids))
+        atomic.write_json(self._path(chunk, ".json"), {
+            "chunk": chunk, "count": len(ids), "dim": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0,
+            "dtype": str(embeddings.dtype), "report": report.to_dict()})
+
+    def read_chunk(self, chunk: int, mmap: bool = False) -> tuple[list[str], np.ndarray, dict]:
+        marker = self._path(chunk, ".json")
+        try:
+            meta = atomic.read_json(marker)
+            emb = np.load(self._path(chunk, ".npy"), mmap_mode="r" if mmap else None, allow_pickle=False)
+            with open(self._path(chunk, ".ids.txt"), encoding="utf-8") as f:
+                ids = f.read().splitlines()
+        except (OSError, ValueError, KeyError) as e:
+            raise StoreError(f"{marker}: chunk unreadable ({e})") from None
+        if emb.shape[0] != meta["count"] or len(ids) != meta["count"]:
+            raise StoreError(f"{marker}: marker says {meta['count']} passages, found {emb.shape[0]} embeddings "
+                             f"and {len(ids)} ids")
+        return ids, emb, meta
+
+    def mark_done(self, process_index: int, process_count: int, num_chunks: int, report: ReadReport) -> None:
+        atomic.write_json(os.path.join(self.directory, f"done-{process_index}-of-{process_count}.json"),
+                          {"num_chunks": num_chunks, "report": report.to_dict()})
+
+    def is_complete(self, process_count: int) -> bool:
+        return all(os.path.exists(os.path.join(self.directory, f"done-{p}-of-{process_count}.json"))
+                   for p in range(process_count))
+
+    def load(self) -> tuple[list[str], np.ndarray]:
+        """All chunks joined in corpus order; passage ids must be unique across the corpus."""
+        chunks = self.chunk_indices()
+        if not chunks:
+            raise StoreError(f"{self.directory}: no embedding chunks")
+        missing = sorted(set(range(chunks[-1] + 1)) - set(chunks))
+        if missing:
+            raise StoreError(f"{self.directory}: chunks {missing[:10]} missing; finish encoding first")
+        ids: list[str] = []
+        parts = []
+        for c in chunks:
+            chunk_ids, emb, _ = self.read_chunk(c)
+            ids.extend(chunk_ids)
+            if len(emb):
+                parts.append(emb)
+        embeddings = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        if len(set(ids)) != len(ids):
+            seen, dups = set(), []
+            for i in ids:
+                if i in seen:
+                    dups.append(i)
+                seen.add(i)
+            raise StoreError(f"{self.directory}: {len(dups)} duplicate passage ids across chunks, "
+                             f"e.g. {dups[:5]}")
+        return ids, embeddings
+
+    def report(self) -> ReadReport:
+        total = ReadReport(self.directory)
+        for c in self.chunk_indices():
+            total.merge(ReadReport.from_dict(atomic.read_json(self._path(c, ".json"))["report"]))
+        return total
+
+
+ChunkSource = Callable[[set[int]], Iterator[tuple[int, list[Passage], ReadReport]]]
+
+
+def tsv_chunks(path: str, chunk_size: int, process_index: int, process_count: int,
+               on_error: OnError) -> ChunkSource:
+    def chunks(done: set[int]):
+        return iter_passage_chunks(path, chunk_size, shard_index=process_index, num_shards=process_count,
+                                   skip_chunks=done, on_error=on_error)
+    return chunks
+
+
+def list_chunks(passages: Sequence[Passage], chunk_size: int, process_index: int,
+                process_count: int) -> ChunkSource:
+    """In-memory passages (e.g. the XQuAD-R pool) chunked like a file would be."""
+    def chunks(done: set[int]):
+        for c, start in enumerate(range(0, len(passages), chunk_size)):
+            if c % process_count == process_index and c not in done:
+                part = list(passages[start:start + chunk_size])
+                yield c, part, ReadReport(f"passages[{start}:{start + len(part)}]", len(part), len(part))
+    return chunks
+
+
+def encode_corpus(encode: Callable[..., np.ndarray], source: ChunkSource, out_dir: str, *,
+                  template: str = "{title} {text}", dtype: str = "float32", process_index: int = 0,
+                  process_count: int = 1, desc: str = "encode corpus") -> EmbeddingStore:
+    """Encodes every chunk of `source` not yet committed in `out_dir`.
+
+    `encode(texts, bar=...)` returns (len(texts), dim) embeddings, e.g.
+    ``functools.partial(retriever.encode, tower="passage", progress=False)``.
+    Re-running after a kill redoes only the chunks without a valid marker.
+    """
+    store = EmbeddingStore(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    done = store.valid_chunks()
+    if done:
+        logging.info("%s: %d chunks already encoded, resuming", out_dir, len(done))
+    total = ReadReport(out_dir)
+    start, encoded, last_chunk = time.perf_counter(), 0, -1
+    with tqdm(desc=desc, unit="passage", smoothing=0.05, dynamic_ncols=True) as bar:
+        for chunk, passages, report in source(done):
+            texts = [format_passage(p, template) for p in passages]
+            emb = encode(texts, bar=bar) if texts else np.zeros((0, 0), np.float32)
+            store.write_chunk(chunk, [p.id for p in passages], emb.astype(dtype, copy=False), report)
+            total.merge(report)
+            encoded += len(texts)
+            last_chunk = max(last_chunk, chunk)
+    num_chunks = max([last_chunk, *done]) + 1 if (done or last_chunk >= 0) else 0
+    store.mark_done(process_index, process_count, num_chunks, total)
+    elapsed = time.perf_counter() - start
+    logging.info("%s: encoded %d passages in %.1fs (%.1f/s); this run's input: %s", out_dir, encoded, elapsed,
+                 encoded / max(elapsed, 1e-9), total.summary())
+    return store
+
+
+def encode_tsv_corpus(retriever, path: str, out_dir: str, cfg: ml_collections.ConfigDict,
+                      process_index: int = 0, process_count: int = 1) -> EmbeddingStore:
+    """The corpus-encoding stage of a round, for a DPR TSV corpus."""
+    source = tsv_chunks(path, int(cfg.chunk_size), process_index, process_count, check_on_error(cfg.on_error))
+    return encode_corpus(_passage_encoder(retriever), source, out_dir, template=cfg.passage_template,
+                         dtype=cfg.dtype, process_index=process_index, process_count=process_count)
+
+
+def encode_passages(retriever, passages: Iterable[Passage], out_dir: str, cfg: ml_collections.ConfigDict,
+                    process_index: int = 0, process_count: int = 1) -> EmbeddingStore:
+    source = list_chunks(list(passages), int(cfg.chunk_size), process_index, process_count)
+    return encode_corpus(_passage_encoder(retriever), source, out_dir, template=cfg.passage_template,
+                         dtype=cfg.dtype, process_index=process_index, process_count=process_count)
+
+
+def _passage_encoder(retriever) -> Callable[..., np.ndarray]:
+    def encode(texts, bar=None):
+        return retriever.encode(texts, "passage", progress=False, bar=bar)
+    return encode

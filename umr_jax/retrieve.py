@@ -1,0 +1,89 @@
+"""The retrieval side of a UMR round as one command: corpus -> embeddings -> index -> top-k run files.
+
+    python -m umr_jax.retrieve --corpus=psgs_w100.tsv --queries=queries.jsonl --workdir=/tmp/run \
+        [--config.retriever.checkpoint=facebook/mcontriever] [--config.index.backend=exact] [--config.k=100]
+
+Each stage leaves its output in the workdir (`embeddings/`, `index/`,
+`run.jsonl` + `run.trec`); a re-run reuses what is complete, so a killed job
+resumes (encoding at the last finished chunk). The JSONL run is the teacher
+stage's input.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from umr_jax import encode, index, retriever, run_files, sharding
+from umr_jax.data.readers import Query, check_on_error, read_queries_jsonl
+
+
+def default_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.k = 100  # passages retrieved per query (UMR: top-100)
+    cfg.mesh_shape = (-1, 1)  # (data, model)
+    cfg.retriever = retriever.default_config()
+    cfg.encode = encode.default_config()
+    cfg.index = index.default_config()
+    cfg.queries_on_error = "raise"  # bad query lines: 'raise' or 'skip' (counted)
+    return cfg
+
+
+def search_queries(model: retriever.Retriever, idx: index.SearchIndex, passage_ids: Sequence[str],
+                   queries: Sequence[Query], k: int, batch: int = 1024) -> list[run_files.Ranking]:
+    """Encodes the queries with the query tower and returns their top-k rankings."""
+    emb = model.encode([q.text for q in queries], "query", desc="encode queries")
+    result = index.search_all(idx, emb, k, batch=batch)
+    return run_files.rankings_from_search([q.id for q in queries], [q.lang for q in queries], passage_ids,
+                                          result.scores, result.indices)
+
+
+def load_or_build_index(store: encode.EmbeddingStore, directory: str, cfg: ml_collections.ConfigDict,
+                        mesh, k: int) -> tuple[list[str], index.SearchIndex]:
+    ids, embeddings = store.load()
+    if os.path.exists(os.path.join(directory, "index.json")):
+        logging.info("reusing the index in %s", directory)
+        return ids, index.load_index(directory, cfg, mesh)
+    idx = index.build_index(embeddings, cfg, mesh, k=k)
+    idx.save(directory)
+    return ids, idx
+
+
+def run(cfg: ml_collections.ConfigDict, corpus: str, queries_path: str, workdir: str) -> list[run_files.Ranking]:
+    queries, report = read_queries_jsonl(queries_path, on_error=check_on_error(cfg.queries_on_error))
+    check_on_error(cfg.encode.on_error)
+    if not queries:
+        raise ValueError(f"{queries_path}: no usable queries ({report.summary()})")
+    logging.info("queries: %s", report.summary())
+    mesh = sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model"))
+    model = retriever.Retriever.from_config(cfg.retriever, mesh)
+    store = encode.encode_tsv_corpus(model, corpus, os.path.join(workdir, "embeddings"), cfg.encode,
+                                     jax.process_index(), jax.process_count())
+    logging.info("corpus: %s", store.report().summary())
+    ids, idx = load_or_build_index(store, os.path.join(workdir, "index"), cfg.index, mesh, cfg.k)
+    rankings = search_queries(model, idx, ids, queries, min(cfg.k, len(ids)), cfg.index.query_batch)
+    run_files.write_jsonl(os.path.join(workdir, "run.jsonl"), rankings)
+    run_files.write_trec(os.path.join(workdir, "run.trec"), rankings)
+    logging.info("wrote %d rankings to %s/run.{jsonl,trec}", len(rankings), workdir)
+    return rankings
+
+
+_CONFIG = config_flags.DEFINE_config_dict("config", default_config(), "retrieval settings")
+_CORPUS = flags.DEFINE_string("corpus", None, "passage corpus, DPR TSV (id, text, title)", required=True)
+_QUERIES = flags.DEFINE_string("queries", None, "queries, JSONL (id, text|question, lang)", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "output and resume directory", required=True)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(_CONFIG.value, _CORPUS.value, _QUERIES.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,126 @@
+"""XQuAD-R (LAReQA) evaluation of a retriever: every question searches the pooled multilingual candidates.
+
+    python -m umr_jax.xquad_r_eval --workdir=/tmp/xquad_r [--config.retriever.checkpoint=...]
+
+Candidates are encoded with the passage tower as "sentence + paragraph"
+(LAReQA feeds the answer sentence with its context); questions with the query
+tower. Reports mAP@20 (the benchmark's metric) and recall/MRR/nDCG per query
+language and macro-averaged, plus the share of the top 20 that is in the
+question's own language (LAReQA's "language bias": a language-agnostic
+retriever would put 10 of the 11 relevant sentences in other languages).
+Candidate embeddings are stored in the workdir in resumable chunks.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+from absl import app, logging
+from ml_collections import config_flags
+
+from umr_jax import atomic, encode, evaluate, index, retriever, run_files, sharding
+from umr_jax.data.readers import Passage
+from umr_jax.data.xquad_r import XquadR, XquadRQuestion, load_xquad_r
+
+
+def default_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.mesh_shape = (-1, 1)
+    cfg.retriever = retriever.default_config()
+    cfg.encode = encode.default_config()
+    cfg.encode.chunk_size = 2048
+    cfg.encode.passage_template = "{text}"  # the candidate text below is already formatted
+    cfg.candidate_template = "{sentence} {context}"  # sentence first: truncation never cuts it
+    cfg.index = index.default_config()
+    cfg.index.backend = "exact"  # 13k candidates: exact search, the metric's own ground truth
+    cfg.k = 100
+    cfg.measures = ("map@20", "recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10")
+    cfg.languages = ()  # query languages to evaluate; () = all 11
+    cfg.questions_per_language = 0  # 0 = all 1,190; else the first n (same question ids in every language)
+    cfg.data_dir = ""  # prepared TFDS data ('' = $UMR_TFDS_DIR or ~/tensorflow_datasets)
+    cfg.local_dir = ""  # official files ('' = $UMR_XQUAD_R_DIR or download)
+    return cfg
+
+
+def candidate_passages(data: XquadR, template: str) -> list[Passage]:
+    return [Passage(c.id, template.format(sentence=c.sentence, context=c.context)) for c in data.candidates]
+
+
+def select_questions(data: XquadR, languages: Sequence[str], per_language: int) -> list[XquadRQuestion]:
+    known = sorted({q.lang for q in data.questions})
+    unknown = sorted(set(languages) - set(known))
+    if unknown:
+        raise ValueError(f"languages {unknown} are not in XQuAD-R; it has {known}")
+    chosen = [q for q in data.questions if not languages or q.lang in languages]
+    if per_language:
+        qids = list(dict.fromkeys(q.qid for q in chosen))[:per_language]
+        keep = set(qids)
+        chosen = [q for q in chosen if q.qid in keep]
+    return chosen
+
+
+def same_language_share(rankings: Sequence[run_files.Ranking], k: int = 20) -> dict[str, float]:
+    """Per query language: the fraction of the top k that is in the question's language."""
+    shares = collections.defaultdict(list)
+    for r in rankings:
+        top = r.passage_ids[:k]
+        shares[r.lang].append(sum(p.split(":", 1)[0] == r.lang for p in top) / len(top))
+    table = {lang: float(np.mean(v)) for lang, v in sorted(shares.items())}
+    table[evaluate.AVERAGE] = float(np.mean(list(table.values())))
+    return table
+
+
+def evaluate_rankings(rankings: Sequence[run_files.Ranking], questions: Sequence[XquadRQuestion],
+                      measures: Sequence[str]) -> dict[str, dict[str, float]]:
+    qrels = {q.id: set(q.relevant) for q in questions}
+    per_query = evaluate.ranked_metrics(run_files.as_run(rankings), qrels, measures)
+    table = evaluate.by_language(per_query, {q.id: q.lang for q in questions})
+    for lang, share in same_language_share(rankings).items():
+        table[lang]["same_lang@20"] = share
+    return table
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
+    data = load_xquad_r(data_dir=cfg.data_dir or None, local_dir=cfg.local_dir or None)
+    questions = select_questions(data, tuple(cfg.languages), int(cfg.questions_per_language))
+    mesh = sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model"))
+    model = retriever.Retriever.from_config(cfg.retriever, mesh)
+    store = encode.encode_passages(model, candidate_passages(data, cfg.candidate_template),
+                                   os.path.join(workdir, "candidates"), cfg.encode)
+    ids, embeddings = store.load()
+    idx = index.build_index(embeddings, cfg.index, mesh, k=cfg.k)
+    emb = model.encode([q.question for q in questions], "query", desc="encode questions")
+    result = index.search_all(idx, emb, cfg.k, batch=cfg.index.query_batch)
+    rankings = run_files.rankings_from_search([q.id for q in questions], [q.lang for q in questions], ids,
+                                              result.scores, result.indices)
+    run_files.write_jsonl(os.path.join(workdir, "run.jsonl"), rankings)
+    table = evaluate_rankings(rankings, questions, cfg.measures)
+    atomic.write_json(os.path.join(workdir, "metrics.json"), table)
+    return table
+
+
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    names = list(next(iter(table.values())))
+    lines = ["lang  " + " ".join(f"{n:>12}" for n in names)]
+    lines += [f"{lang:<5} " + " ".join(f"{row[n]:12.4f}" for n in names) for lang, row in table.items()]
+    return "\n".join(lines)
+
+
+_CONFIG = config_flags.DEFINE_config_dict("config", default_config(), "evaluation settings")
+_WORKDIR = app.flags.DEFINE_string("workdir", None, "output and resume directory", required=True)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    table = run(_CONFIG.value, _WORKDIR.value)
+    logging.info("XQuAD-R metrics written to %s/metrics.json", _WORKDIR.value)
+    print(format_table(table))
+
+
+if __name__ == "__main__":
+    app.run(main)

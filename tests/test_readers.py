@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from umr_jax.data.readers import InputError, iter_passage_chunks, read_passages, read_queries_jsonl
+from umr_jax.data.readers import InputError, iter_passage_chunks, lookup_passages, read_passages, read_queries_jsonl
 
 
 def _tsv(tmp_path, rows, header="id\ttext\ttitle", name="corpus.tsv"):
@@ -109,3 +109,11 @@ def test_missing_file_and_bad_policy(tmp_path):
         read_passages(tmp_path / "nope.tsv")
     with pytest.raises(ValueError, match="on_error"):
         read_passages(_tsv(tmp_path, ["1\tx\tt"]), on_error="ignore")
+
+
+def test_lookup_passages_streams_only_the_wanted_ids(tmp_path):
+    path = _tsv(tmp_path, [f"{i}\ttext {i}\tt" for i in range(100)])
+    found = lookup_passages(path, ["7", "93"])
+    assert {k: v.text for k, v in found.items()} == {"7": "text 7", "93": "text 93"}
+    with pytest.raises(KeyError, match="1 passage ids not in the corpus"):
+        lookup_passages(path, ["7", "x"])

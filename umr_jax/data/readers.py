@@ -211,6 +211,21 @@ def read_passages(path: str | os.PathLike, *, on_error: OnError = "raise",
     return passages, total
 
 
+def lookup_passages(path: str | os.PathLike, ids: Iterable[str], *, on_error: OnError = "raise",
+                    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> dict[str, Passage]:
+    """The passages with the given ids, in one streaming pass (R@kt needs the top-k texts, not 21M).
+
+    Ids that the corpus lacks are an error: a retrieved id must exist.
+    """
+    wanted, found = set(ids), {}
+    for _, chunk, _ in iter_passage_chunks(path, 1 << 30, on_error=on_error, max_line_bytes=max_line_bytes):
+        found.update((p.id, p) for p in chunk if p.id in wanted)
+    missing = wanted - found.keys()
+    if missing:
+        raise KeyError(f"{path}: {len(missing)} passage ids not in the corpus, e.g. {sorted(missing)[:5]}")
+    return found
+
+
 def read_queries_jsonl(path: str | os.PathLike, *, on_error: OnError = "raise",
                        text_fields: tuple[str, ...] = ("text", "question"),
                        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[list[Query], ReadReport]:

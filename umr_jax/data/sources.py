@@ -25,6 +25,8 @@ from typing import Any
 
 import requests
 import tensorflow_datasets as tfds
+from etils import epath
+from tensorflow_datasets.core import utils as tfds_utils
 from tensorflow_datasets.core.download.download_manager import NonMatchingChecksumError
 
 TFDS_DIR_ENV = "UMR_TFDS_DIR"
@@ -147,6 +149,36 @@ def resolve_file(
         f"{file.name} {where} and {file.url} could not be downloaded ({cause}); "
         f"put a copy there or set {env_var} / pass local_dir="
     )
+
+
+class OfficialFilesBuilder(tfds.core.GeneratorBasedBuilder):
+    """A TFDS builder whose inputs are official files: local copy first, else a checked download.
+
+    Subclasses set `LOCAL_DIR_ENV` and call `self.resolve(dl_manager, file)`.
+    """
+
+    LOCAL_DIR_ENV = ""
+
+    @tfds_utils.classproperty
+    @classmethod
+    def code_path(cls) -> epath.Path:
+        """A file in this package, so TFDS finds `checksums.tsv` beside the builders.
+
+        TFDS's own lookup imports `importlib_resources`, which it does not install
+        on Python >= 3.9; pointing at a module file directly avoids that.
+        """
+        return epath.Path(__file__)
+
+    def __init__(self, *, local_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
+        """`local_dir` (else the LOCAL_DIR_ENV variable) holds local copies of the official files."""
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(**kwargs)
+        self._local_dir = local_directory(local_dir, self.LOCAL_DIR_ENV)
+        self._original_state["local_dir"] = local_dir  # so pickled builders keep it
+
+    def resolve(self, dl_manager: tfds.download.DownloadManager, file: OfficialFile) -> Path:
+        return resolve_file(file, local_dir=self._local_dir, env_var=self.LOCAL_DIR_ENV,
+                            sha256=registered_sha256(self.url_infos, file.url), download=tfds_downloader(dl_manager))
 
 
 def _decoded(value: Any) -> Any:

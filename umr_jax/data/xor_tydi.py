@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import tensorflow_datasets as tfds
-from etils import epath
-from tensorflow_datasets.core import utils as tfds_utils
 
 from umr_jax.data import sources
 from umr_jax.data.languages import normalize_language_code
@@ -121,10 +119,11 @@ def read_questions(path: str | os.PathLike[str], *, name: str, split: str) -> li
     return sorted(questions, key=lambda q: (q.lang, q.id))
 
 
-class XorTydiBuilder(tfds.core.GeneratorBasedBuilder):
+class XorTydiBuilder(sources.OfficialFilesBuilder):
     """XOR-TyDi QA v1.1 questions with their answers."""
 
     name = "xor_tydi"
+    LOCAL_DIR_ENV = LOCAL_DIR_ENV
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.1.0": "Official v1.1 files: retrieve train/dev, full dev."}
     BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
@@ -132,22 +131,7 @@ class XorTydiBuilder(tfds.core.GeneratorBasedBuilder):
         tfds.core.BuilderConfig(name="full", description="XOR-Full: answers in the question language; dev."),
     ]
 
-    @tfds_utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """This file, so TFDS finds `checksums.tsv` beside it.
 
-        TFDS's own lookup imports `importlib_resources`, which it does not install
-        on Python >= 3.9; pointing at the module file directly avoids that.
-        """
-        return epath.Path(__file__)
-
-    def __init__(self, *, local_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
-        """`local_dir` (else $UMR_XOR_TYDI_DIR) holds local copies of the official files."""
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(**kwargs)
-        self._local_dir = sources.local_directory(local_dir, LOCAL_DIR_ENV)
-        self._original_state["local_dir"] = local_dir  # so pickled builders keep it
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -168,17 +152,10 @@ class XorTydiBuilder(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator[Any]]:
-        download = sources.tfds_downloader(dl_manager)
         generators = {}
         for split, name in FILES[self.builder_config.name].items():
             file = official_file(name)
-            path = sources.resolve_file(
-                file,
-                local_dir=self._local_dir,
-                env_var=LOCAL_DIR_ENV,
-                sha256=sources.registered_sha256(self.url_infos, file.url),
-                download=download,
-            )
+            path = self.resolve(dl_manager, file)
             generators[split] = self._generate_examples(path, name=name, split=split)
         return generators
 

@@ -48,8 +48,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import tensorflow_datasets as tfds
-from etils import epath
-from tensorflow_datasets.core import utils as tfds_utils
 
 from umr_jax.data import sources
 
@@ -209,10 +207,11 @@ def link_questions(files: Mapping[str, LanguageFile]) -> list[XquadRQuestion]:
     return linked
 
 
-class XquadRBuilder(tfds.core.GeneratorBasedBuilder):
+class XquadRBuilder(sources.OfficialFilesBuilder):
     """LAReQA XQuAD-R: the questions and the pooled answer-sentence candidates."""
 
     name = "xquad_r"
+    LOCAL_DIR_ENV = LOCAL_DIR_ENV
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "lareqa @ 9bc8c7fb (2020-05-19) xquad-r files."}
     BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
@@ -220,18 +219,7 @@ class XquadRBuilder(tfds.core.GeneratorBasedBuilder):
         tfds.core.BuilderConfig(name="candidates", description="The 13,014 answer sentences of all 11 languages."),
     ]
 
-    @tfds_utils.classproperty
-    @classmethod
-    def code_path(cls) -> epath.Path:
-        """This file, so TFDS finds `checksums.tsv` beside it (see XorTydiBuilder.code_path)."""
-        return epath.Path(__file__)
 
-    def __init__(self, *, local_dir: str | os.PathLike[str] | None = None, **kwargs: Any) -> None:
-        """`local_dir` (else $UMR_XQUAD_R_DIR) holds local copies of the 11 `{lang}.json` files."""
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(**kwargs)
-        self._local_dir = sources.local_directory(local_dir, LOCAL_DIR_ENV)
-        self._original_state["local_dir"] = local_dir  # so pickled builders keep it
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
@@ -256,17 +244,10 @@ class XquadRBuilder(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator[Any]]:
-        download = sources.tfds_downloader(dl_manager)
         paths = {}
         for lang in LANGUAGES:
             file = official_file(lang)
-            paths[lang] = sources.resolve_file(
-                file,
-                local_dir=self._local_dir,
-                env_var=LOCAL_DIR_ENV,
-                sha256=sources.registered_sha256(self.url_infos, file.url),
-                download=download,
-            )
+            paths[lang] = self.resolve(dl_manager, file)
         return {SPLIT: self._generate_examples(paths)}
 
     def _generate_examples(self, paths: dict[str, Path]) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -20,12 +20,11 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from umr_jax import atomic
 from umr_jax.models.bert import BertConfig, BertEncoder
 from umr_jax.models.bert_weights import CheckpointError, export_hf_weights
 
@@ -185,12 +184,8 @@ def export_hf(encoder: BertEncoder, tokenizer: Any, out_dir: str,
               extra: dict[str, Any] | None = None) -> str:
     """Writes config.json, model.safetensors and tokenizer files, atomically."""
     from safetensors.numpy import save_file
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    os.chmod(tmp, 0o755)
-    try:
+
+    def write(tmp: str) -> None:
         hf_config = encoder.config.to_hf_dict()
         hf_config["torch_dtype"] = "float32"
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
@@ -205,10 +200,5 @@ def export_hf(encoder: BertEncoder, tokenizer: Any, out_dir: str,
             json.dump(usage, f, indent=2, sort_keys=True)
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o644)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return atomic.replace_dir(out_dir, write)

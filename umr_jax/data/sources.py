@@ -158,6 +158,10 @@ class OfficialFilesBuilder(tfds.core.GeneratorBasedBuilder):
     """
 
     LOCAL_DIR_ENV = ""
+    HOMEPAGE = ""
+    LICENSE = ""
+    DESCRIPTION = ""
+    CITATION = ""
 
     @tfds_utils.classproperty
     @classmethod
@@ -175,6 +179,15 @@ class OfficialFilesBuilder(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
         self._local_dir = local_directory(local_dir, self.LOCAL_DIR_ENV)
         self._original_state["local_dir"] = local_dir  # so pickled builders keep it
+
+    def features(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=self.DESCRIPTION,
+                                     features=tfds.features.FeaturesDict(self.features()),
+                                     homepage=self.HOMEPAGE, citation=self.CITATION, license=self.LICENSE,
+                                     disable_shuffling=True)
 
     def resolve(self, dl_manager: tfds.download.DownloadManager, file: OfficialFile) -> Path:
         return resolve_file(file, local_dir=self._local_dir, env_var=self.LOCAL_DIR_ENV,

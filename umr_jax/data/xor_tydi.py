@@ -124,6 +124,8 @@ class XorTydiBuilder(sources.OfficialFilesBuilder):
 
     name = "xor_tydi"
     LOCAL_DIR_ENV = LOCAL_DIR_ENV
+    HOMEPAGE, LICENSE = "https://nlp.cs.washington.edu/xorqa/", "MIT"
+    DESCRIPTION, CITATION = _DESCRIPTION, _CITATION
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.1.0": "Official v1.1 files: retrieve train/dev, full dev."}
     BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
@@ -131,25 +133,9 @@ class XorTydiBuilder(sources.OfficialFilesBuilder):
         tfds.core.BuilderConfig(name="full", description="XOR-Full: answers in the question language; dev."),
     ]
 
-
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=_DESCRIPTION,
-            features=tfds.features.FeaturesDict(
-                {
-                    "id": tfds.features.Text(),
-                    "question": tfds.features.Text(),
-                    "answers": tfds.features.Sequence(tfds.features.Text()),
-                    "lang": tfds.features.Text(),
-                }
-            ),
-            homepage="https://nlp.cs.washington.edu/xorqa/",
-            citation=_CITATION,
-            license="MIT",
-            disable_shuffling=True,
-        )
+    def features(self) -> dict[str, Any]:
+        text = tfds.features.Text()
+        return {"id": text, "question": text, "answers": tfds.features.Sequence(text), "lang": text}
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator[Any]]:
         generators = {}

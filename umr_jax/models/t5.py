@@ -1,0 +1,477 @@
+"""mT5 / T5 v1.1 encoder-decoder in Flax NNX: UMR's query-likelihood teacher.
+
+One file for the model family, MaxText-style: the config, the layers and the
+encoder-decoder with its LM head. Hugging Face names and conversions live in
+:mod:`umr_jax.models.t5_weights`.
+
+What makes T5 different from a textbook Transformer, and therefore from
+:mod:`umr_jax.models.bert`:
+  * pre-norm blocks with an RMS norm (x * w, no mean, no bias) and no biases
+    anywhere;
+  * no 1/sqrt(head_dim) attention scaling: T5 folds it into the query
+    initialisation, so a checkpoint's logits are only right without it;
+  * no position embeddings: a learned bias per (relative-distance bucket,
+    head) is added to the attention logits. Only the first layer of each stack
+    owns the table; every layer of the stack reuses that bias (bidirectional
+    buckets in the encoder, causal ones in the decoder, none in
+    cross-attention);
+  * T5 v1.1 / mT5: a gated FFN (gelu_new(x W0) * (x W1)) W_o and an untied LM
+    head. The original T5 ties the head to the input embedding and scales the
+    decoder output by d_model**-0.5 first; ``tie_word_embeddings`` selects
+    that variant.
+
+Parameters keep explicit head dimensions ((embed, heads, kv) kernels) and carry
+logical axis names that :mod:`umr_jax.sharding` maps onto the mesh: heads, mlp
+and vocab split over ``model``, so mT5-XL (32 heads, d_ff 5120, 250k vocab)
+shards over 8 devices for scoring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from umr_jax.models.layers import RMSNorm, random_param, resolve_dtype
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+# Defaults of transformers' T5Config where they differ from MT5Config (our
+# dataclass defaults, mT5-small); used only for keys a config.json omits.
+_T5_DEFAULTS: dict[str, Any] = dict(vocab_size=32128, d_ff=2048, num_layers=6, num_heads=8,
+                                    feed_forward_proj="relu")
+MODEL_TYPES = ("mt5", "t5")
+
+# Additive attention bias for masked keys. Finite (not -inf) so that a row
+# with every key masked gives a uniform softmax instead of NaN; float32 so it
+# survives whatever the compute dtype is.
+_MASKED = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Architecture hyperparameters, named as in Hugging Face's ``MT5Config``/``T5Config``.
+
+    Defaults are mT5-small's. ``tie_word_embeddings=True`` is the original T5
+    head: logits = (decoder output * d_model**-0.5) @ shared.T; False (T5 v1.1,
+    mT5) is a separate ``lm_head`` and no scaling.
+    """
+
+    vocab_size: int = 250112
+    d_model: int = 512
+    d_kv: int = 64
+    d_ff: int = 1024
+    num_layers: int = 8
+    num_decoder_layers: int | None = None  # None = num_layers, as in Hugging Face
+    num_heads: int = 6
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_epsilon: float = 1e-6
+    feed_forward_proj: str = "gated-gelu"
+    tie_word_embeddings: bool = False
+    dropout_rate: float = 0.1
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_decoder_layers is None:
+            object.__setattr__(self, "num_decoder_layers", self.num_layers)
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        # Bidirectional buckets split in two halves, each with an exact half
+        # and a logarithmic half up to max_distance: fewer than 4 buckets or a
+        # max_distance inside the exact range divides by zero.
+        buckets, distance = self.relative_attention_num_buckets, self.relative_attention_max_distance
+        if buckets < 4:
+            raise ValueError(f"relative_attention_num_buckets must be >= 4, got {buckets}")
+        if distance <= buckets // 2:
+            raise ValueError(f"relative_attention_max_distance {distance} must exceed half of "
+                             f"relative_attention_num_buckets ({buckets})")
+        self._ffn_spec()  # validates feed_forward_proj
+
+    def _ffn_spec(self) -> tuple[bool, str]:
+        parts = self.feed_forward_proj.split("-")
+        if len(parts) == 2 and parts[0] == "gated":
+            gated, act = True, parts[1]
+        elif len(parts) == 1:
+            gated, act = False, parts[0]
+        else:
+            raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r} is not of the form "
+                             "'ACT' or 'gated-ACT' (e.g. 'gated-gelu', 'relu')")
+        # Hugging Face's backwards-compatibility rule: 'gated-gelu' (mT5, T5
+        # v1.1) means the tanh approximation, plain 'gelu' the exact erf form.
+        if self.feed_forward_proj == "gated-gelu":
+            act = "gelu_new"
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r}: unsupported activation "
+                             f"{act!r}; supported: {sorted(_ACTIVATIONS)}")
+        return gated, act
+
+    @property
+    def is_gated_act(self) -> bool:
+        return self._ffn_spec()[0]
+
+    @property
+    def dense_act_fn(self) -> str:
+        return self._ffn_spec()[1]
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.d_kv
+
+    @classmethod
+    def from_hf_dict(cls, cfg: Mapping[str, Any]) -> T5Config:
+        """Reads the fields we use from a Hugging Face ``config.json`` dict ('mt5' or 't5').
+
+        The head variant cannot be read from ``tie_word_embeddings``:
+        transformers 5 writes ``true`` there for every T5 and mT5 it saves.
+          * 't5': the scaled, tied head iff ``scale_decoder_outputs`` (written
+            by transformers 5) or else ``tie_word_embeddings`` (older files)
+            is true, as in transformers' T5ForConditionalGeneration;
+          * 'mt5': always the unscaled head, as transformers 5's
+            MT5ForConditionalGeneration; every released mT5 has a separate
+            ``lm_head`` (a checkpoint without one gets ``shared.weight`` there,
+            see t5_weights.load_hf_weights).
+        """
+        model_type = cfg.get("model_type", "mt5")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {model_type!r} is not a T5 architecture (supported: "
+                             f"{', '.join(MODEL_TYPES)})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = dict(_T5_DEFAULTS) if model_type == "t5" else {}
+        values.update({k: cfg[k] for k in names if cfg.get(k) is not None})
+        if isinstance(values.get("eos_token_id"), list | tuple):
+            values["eos_token_id"] = values["eos_token_id"][0]
+        if model_type == "t5":
+            values["tie_word_embeddings"] = bool(cfg.get("scale_decoder_outputs",
+                                                         cfg.get("tie_word_embeddings", True)))
+        else:
+            values["tie_word_embeddings"] = False
+        return cls(**values)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dict that transformers loads into the same model.
+
+        The tied variant is written as model_type 't5': transformers 5's
+        MT5ForConditionalGeneration never applies the d_model**-0.5 scaling.
+        """
+        out = dataclasses.asdict(self)
+        if self.tie_word_embeddings:
+            out.update(model_type="t5", architectures=["T5ForConditionalGeneration"],
+                       scale_decoder_outputs=True)
+        else:
+            out.update(model_type="mt5", architectures=["MT5ForConditionalGeneration"])
+        out.update(is_encoder_decoder=True, use_cache=True, initializer_factor=1.0)
+        return out
+
+
+def relative_position_buckets(relative_position: np.ndarray, *, bidirectional: bool, num_buckets: int,
+                              max_distance: int) -> np.ndarray:
+    """Bucket of each (memory - query) distance, as Mesh TensorFlow / Hugging Face compute it.
+
+    Half of the buckets (per direction when bidirectional) hold exact small
+    distances, the rest logarithmically wider ranges up to `max_distance`;
+    anything further shares the last bucket. Causal buckets only count
+    distances to the past (future positions land in bucket 0 and are masked).
+    The arithmetic repeats the reference's float32 operations and truncation
+    so that every boundary lands in the same bucket as in the checkpoints'
+    training (tests compare against transformers over thousands of distances).
+    Computed with numpy at trace time: it depends only on static lengths.
+    """
+    rel = np.asarray(relative_position, dtype=np.int64)
+    buckets = np.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rel > 0).astype(np.int64) * num_buckets
+        rel = np.abs(rel)
+    else:
+        rel = -np.minimum(rel, 0)
+    max_exact = num_buckets // 2
+    is_small = rel < max_exact
+    with np.errstate(divide="ignore"):  # log(0) at distance 0, which is_small selects away
+        scaled = (np.log(rel.astype(np.float32) / np.float32(max_exact))
+                  / np.float32(math.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact))
+    large = max_exact + np.where(is_small, 0, scaled).astype(np.int64)
+    large = np.minimum(large, num_buckets - 1)
+    return (buckets + np.where(is_small, rel, large)).astype(np.int32)
+
+
+def shift_right(labels: Any, decoder_start_token_id: int = 0, pad_token_id: int = 0) -> Any:
+    """Decoder inputs for teacher forcing: the start token, then labels[:, :-1].
+
+    Positions labelled -100 (ignored by the loss) become `pad_token_id`, as in
+    Hugging Face's ``_shift_right``. Defaults are mT5's (both ids 0). numpy in,
+    numpy out (batch building on the host); anything else goes through jnp.
+    """
+    xp = np if isinstance(labels, np.ndarray) else jnp
+    labels = xp.asarray(labels)
+    start = xp.full((*labels.shape[:-1], 1), decoder_start_token_id, dtype=labels.dtype)
+    shifted = xp.concatenate([start, labels[..., :-1]], axis=-1)
+    return xp.where(shifted == -100, xp.asarray(pad_token_id, dtype=labels.dtype), shifted)
+
+
+def _key_bias(mask: jax.Array) -> jax.Array:
+    """(batch, keys) 1/0 mask -> additive float32 bias (batch, 1, 1, keys)."""
+    return jnp.where(mask.astype(bool)[:, None, None, :], 0.0, _MASKED).astype(jnp.float32)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention without biases or logit scaling; optionally owns the relative bias table."""
+
+    def __init__(self, cfg: T5Config, *, relative_bias: bool, bidirectional: bool, param_dtype: jnp.dtype,
+                 dtype: jnp.dtype, rngs: nnx.Rngs, random_init: bool = True):
+        self.dtype = dtype
+        self.bidirectional = bidirectional
+        self.num_buckets = cfg.relative_attention_num_buckets
+        self.max_distance = cfg.relative_attention_max_distance
+        e, n, d = cfg.d_model, cfg.num_heads, cfg.d_kv
+        # Hugging Face's initialisation; the query's extra d_kv**-0.5 is where
+        # T5 keeps the attention scaling that other Transformers apply to logits.
+        qkv = ("embed", "heads", "kv")
+        self.q_kernel = random_param(rngs, (e, n, d), qkv, param_dtype, random_init, (e * d) ** -0.5)
+        self.k_kernel = random_param(rngs, (e, n, d), qkv, param_dtype, random_init, e ** -0.5)
+        self.v_kernel = random_param(rngs, (e, n, d), qkv, param_dtype, random_init, e ** -0.5)
+        self.o_kernel = random_param(rngs, (n, d, e), ("heads", "kv", "embed"), param_dtype, random_init,
+                                     (n * d) ** -0.5)
+        self.relative_bias = (
+            random_param(rngs, (self.num_buckets, n), (None, "heads"), param_dtype, random_init, e ** -0.5)
+            if relative_bias else None)
+        self.attn_dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def position_bias(self, query_length: int, key_length: int) -> jax.Array:
+        """Relative position bias, float32 (1, heads, query_length, key_length)."""
+        if self.relative_bias is None:
+            raise ValueError("this attention layer has no relative bias table (only each stack's first does)")
+        # One bucket per distance (key - query) from -(q-1) to k-1, then a
+        # (q, k) gather of the per-distance bias: the numpy constant stays
+        # O(q + k) instead of O(q * k).
+        distances = np.arange(-(query_length - 1), key_length)
+        buckets = relative_position_buckets(distances, bidirectional=self.bidirectional,
+                                            num_buckets=self.num_buckets, max_distance=self.max_distance)
+        per_distance = jnp.take(self.relative_bias[...].astype(jnp.float32), jnp.asarray(buckets), axis=0)
+        index = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None] + (query_length - 1)
+        return jnp.take(per_distance, index, axis=0).transpose(2, 0, 1)[None]
+
+    def _project(self, x: jax.Array, kernel: nnx.Param) -> jax.Array:
+        # Straight into (batch, heads, length, head_dim), as in bert.py: the
+        # attention matmuls then batch over leading dimensions without transposes.
+        return jnp.einsum("bte,ehd->bhtd", x, kernel[...].astype(self.dtype))
+
+    def __call__(self, x: jax.Array, context: jax.Array, position_bias: jax.Array | None, mask_bias: jax.Array,
+                 *, deterministic: bool) -> jax.Array:
+        """`x` attends to `context` (itself for self-attention); biases are float32 and broadcast."""
+        q = self._project(x, self.q_kernel)
+        k = self._project(context, self.k_kernel)
+        v = self._project(context, self.v_kernel)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) + mask_bias
+        if position_bias is not None:
+            logits = logits + position_bias
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        probs = self.attn_dropout(probs, deterministic=deterministic)
+        ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+        return jnp.einsum("bhqd,hde->bqe", ctx, self.o_kernel[...].astype(self.dtype))
+
+
+class FeedForward(nnx.Module):
+    """act(x W_i) W_o, or act(x W_0) * (x W_1) W_o when gated (T5 v1.1 / mT5)."""
+
+    def __init__(self, cfg: T5Config, *, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 random_init: bool = True):
+        self.dtype = dtype
+        self.gated = cfg.is_gated_act
+        self.activation = _ACTIVATIONS[cfg.dense_act_fn]
+        e, m = cfg.d_model, cfg.d_ff
+        if self.gated:
+            self.wi_0 = random_param(rngs, (e, m), ("embed", "mlp"), param_dtype, random_init, e ** -0.5)
+            self.wi_1 = random_param(rngs, (e, m), ("embed", "mlp"), param_dtype, random_init, e ** -0.5)
+        else:
+            self.wi = random_param(rngs, (e, m), ("embed", "mlp"), param_dtype, random_init, e ** -0.5)
+        self.wo = random_param(rngs, (m, e), ("mlp", "embed"), param_dtype, random_init, m ** -0.5)
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        if self.gated:
+            hidden = (self.activation(x @ self.wi_0[...].astype(self.dtype))
+                      * (x @ self.wi_1[...].astype(self.dtype)))
+        else:
+            hidden = self.activation(x @ self.wi[...].astype(self.dtype))
+        hidden = self.dropout(hidden, deterministic=deterministic)
+        return hidden @ self.wo[...].astype(self.dtype)
+
+
+class EncoderLayer(nnx.Module):
+    """Pre-norm block: x + Attn(norm(x)), then x + FFN(norm(x))."""
+
+    def __init__(self, cfg: T5Config, *, first: bool, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 random_init: bool = True):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs, random_init=random_init)
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, param_dtype)
+        self.attention = Attention(cfg, relative_bias=first, bidirectional=True, **kw)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, param_dtype)
+        self.ffn = FeedForward(cfg, **kw)
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array, position_bias: jax.Array, mask_bias: jax.Array, *,
+                 deterministic: bool) -> jax.Array:
+        h = self.attention_norm(x)
+        x = x + self.dropout(self.attention(h, h, position_bias, mask_bias, deterministic=deterministic),
+                             deterministic=deterministic)
+        return x + self.dropout(self.ffn(self.ffn_norm(x), deterministic=deterministic),
+                                deterministic=deterministic)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: causal self-attention, cross-attention to the encoder, FFN."""
+
+    def __init__(self, cfg: T5Config, *, first: bool, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 random_init: bool = True):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs, random_init=random_init)
+        self.self_attention_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, param_dtype)
+        self.self_attention = Attention(cfg, relative_bias=first, bidirectional=False, **kw)
+        self.cross_attention_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, param_dtype)
+        self.cross_attention = Attention(cfg, relative_bias=False, bidirectional=True, **kw)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, param_dtype)
+        self.ffn = FeedForward(cfg, **kw)
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array, encoded: jax.Array, position_bias: jax.Array, self_mask_bias: jax.Array,
+                 cross_mask_bias: jax.Array, *, deterministic: bool) -> jax.Array:
+        h = self.self_attention_norm(x)
+        x = x + self.dropout(self.self_attention(h, h, position_bias, self_mask_bias, deterministic=deterministic),
+                             deterministic=deterministic)
+        # Cross-attention has no position bias (Hugging Face adds zeros).
+        h = self.cross_attention_norm(x)
+        x = x + self.dropout(self.cross_attention(h, encoded, None, cross_mask_bias, deterministic=deterministic),
+                             deterministic=deterministic)
+        return x + self.dropout(self.ffn(self.ffn_norm(x), deterministic=deterministic),
+                                deterministic=deterministic)
+
+
+class Encoder(nnx.Module):
+    """Embedded source tokens -> encoder states; bidirectional position bias shared by all layers."""
+
+    def __init__(self, cfg: T5Config, *, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 random_init: bool = True):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs, random_init=random_init)
+        self.layers = nnx.List([EncoderLayer(cfg, first=i == 0, **kw) for i in range(cfg.num_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, param_dtype)
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
+        length = x.shape[1]
+        position_bias = self.layers[0].attention.position_bias(length, length)
+        mask_bias = _key_bias(mask)
+        x = self.dropout(x, deterministic=deterministic)
+        for layer in self.layers:
+            x = layer(x, position_bias, mask_bias, deterministic=deterministic)
+        return self.dropout(self.final_norm(x), deterministic=deterministic)
+
+
+class Decoder(nnx.Module):
+    """Embedded target tokens + encoder states -> decoder states; causal, teacher-forced (no cache)."""
+
+    def __init__(self, cfg: T5Config, *, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs,
+                 random_init: bool = True):
+        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs, random_init=random_init)
+        self.layers = nnx.List([DecoderLayer(cfg, first=i == 0, **kw) for i in range(cfg.num_decoder_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, param_dtype)
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array, encoded: jax.Array, encoder_mask: jax.Array, decoder_mask: jax.Array, *,
+                 deterministic: bool) -> jax.Array:
+        length = x.shape[1]
+        position_bias = self.layers[0].self_attention.position_bias(length, length)
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        visible = causal[None, None] & decoder_mask.astype(bool)[:, None, None, :]
+        self_mask_bias = jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)  # (batch, 1, T, T)
+        cross_mask_bias = _key_bias(encoder_mask)
+        x = self.dropout(x, deterministic=deterministic)
+        for layer in self.layers:
+            x = layer(x, encoded, position_bias, self_mask_bias, cross_mask_bias, deterministic=deterministic)
+        return self.dropout(self.final_norm(x), deterministic=deterministic)
+
+
+class MT5(nnx.Module):
+    """mT5 / T5 encoder-decoder with its LM head; scoring splits into encode, decode and logits.
+
+    The split lets a scorer run the LM head only at the positions it needs (or
+    in vocabulary chunks) instead of materialising (tokens x 250k) logits.
+    """
+
+    def __init__(self, cfg: T5Config, *, param_dtype: str | jnp.dtype = "float32",
+                 dtype: str | jnp.dtype = "float32", rngs: nnx.Rngs, random_init: bool = True):
+        self.config = cfg
+        self.dtype = resolve_dtype(dtype)
+        param_dtype = resolve_dtype(param_dtype)
+        kw = dict(param_dtype=param_dtype, dtype=self.dtype, rngs=rngs, random_init=random_init)
+        # One input embedding for encoder and decoder (HF: shared.weight, aliased
+        # as encoder/decoder.embed_tokens.weight).
+        self.shared = random_param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), param_dtype,
+                                   random_init, 1.0)
+        self.encoder = Encoder(cfg, **kw)
+        self.decoder = Decoder(cfg, **kw)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        random_param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), param_dtype,
+                                     random_init, 1.0))
+        # The teacher's chunked log-softmax asks every LM for its soft-cap; T5 has none.
+        self.logit_softcap = 0.0
+
+    def _embed(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.shared[...], ids, axis=0).astype(self.dtype)
+
+    def encode(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Encoder states (batch, source_length, d_model) in the compute dtype."""
+        return self.encoder(self._embed(ids), mask, deterministic=deterministic)
+
+    def decode(self, encoded: jax.Array, encoder_mask: jax.Array, decoder_ids: jax.Array, decoder_mask: jax.Array,
+               *, deterministic: bool = True) -> jax.Array:
+        """Final decoder states (batch, target_length, d_model): exactly what the LM head consumes.
+
+        Includes the d_model**-0.5 scaling of the tied-head variant, so that
+        ``logits(decode(...))`` is the model's output whichever head it has.
+        """
+        hidden = self.decoder(self._embed(decoder_ids), encoded, encoder_mask, decoder_mask,
+                              deterministic=deterministic)
+        if self.config.tie_word_embeddings:
+            hidden = hidden * jnp.asarray(self.config.d_model ** -0.5, hidden.dtype)
+        return hidden
+
+    def head_weight(self) -> jax.Array:
+        """The LM head as (vocab, d_model) in the compute dtype (rows gathered per label by scorers)."""
+        if self.lm_head is None:
+            return self.shared[...].astype(self.dtype)
+        return self.lm_head[...].astype(self.dtype).T
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The LM head only: (..., d_model) -> float32 (..., vocab), accumulated in float32."""
+        hidden = hidden.astype(self.dtype)
+        if self.lm_head is None:
+            return jnp.einsum("...e,ve->...v", hidden, self.shared[...].astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...e,ev->...v", hidden, self.lm_head[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, ids: jax.Array, mask: jax.Array, decoder_ids: jax.Array, decoder_mask: jax.Array, *,
+                 deterministic: bool = True) -> jax.Array:
+        """Teacher-forced logits, float32 (batch, target_length, vocab)."""
+        encoded = self.encode(ids, mask, deterministic=deterministic)
+        return self.logits(self.decode(encoded, mask, decoder_ids, decoder_mask, deterministic=deterministic))
+
+    def shift_right(self, labels: Any) -> Any:
+        """:func:`shift_right` with this model's decoder start and pad ids."""
+        return shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)

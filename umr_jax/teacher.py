@@ -1,0 +1,439 @@
+"""The teacher: log P(query | passage) from a generative LM, UMR's pseudo labels.
+
+DESIGN.md section 2, step 3. For every (query, passage) pair the LM reads
+
+    Passage: {title} {text}. Please write a question based on this passage in {Language}.
+
+and scores the target ``Question: {query}``: the mean (default, as the official
+code) or the sum (as T5X's scorer) of the target tokens' log-probabilities. Two
+model families share this file:
+
+  * encoder-decoder (mT5, the paper's teacher): the prompt is the encoder
+    input, the target the decoder's labels (``</s>`` included, as the official
+    code);
+  * decoder-only (Gemma 3, the embedded default): the prompt is the prefix and
+    the target is scored after it; only target positions count.
+
+Speed comes from the shapes, not tricks: pairs are bucketed by prompt and by
+target length into a few padded shapes (one compiled program each, reused for
+millions of pairs), the LM head runs only at target positions, and the
+log-softmax is a log-sum-exp over vocabulary chunks plus the label's own logit,
+so the (tokens x 262k) logit matrix is never materialised. Parameters are placed
+on the mesh by their logical axes and batches split over ``data``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from umr_jax import sharding
+from umr_jax.batching import PairGroup, plan_pair_groups
+from umr_jax.data.languages import LANGUAGE_NAMES, language_name
+
+KINDS = ("decoder", "encoder_decoder")
+REDUCTIONS = ("mean", "sum")
+TRUNCATIONS = ("input", "passage")
+OFFICIAL_INPUT_TEMPLATE = "Passage: {title} {text}. Please write a question based on this passage in {language}."
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Teacher section of a run config; defaults = Gemma-3-270M from the PyPI GGUF packages."""
+    cfg = ml_collections.ConfigDict()
+    # 'gemma3' (decoder-only) or 'mt5' (encoder-decoder, the paper's teacher).
+    cfg.model = "gemma3"
+    # gemma3: 'gguf' | 'gguf:/path/model.gguf' | HF directory | hub id (google/gemma-3-270m).
+    # mt5: HF directory | hub id (google/mt5-xl, an mT5-XL LM-adapt directory).
+    cfg.checkpoint = "gguf"
+    cfg.tokenizer = ""  # '' = the checkpoint's own tokenizer
+    cfg.param_dtype = "float32"
+    cfg.dtype = "float32"  # compute dtype; 'bfloat16' on TPU/GPU (logits stay float32)
+    # The official prompt. It doubles the full stop when a passage already ends
+    # with one ("..") -- kept as the default for fidelity; edit to taste.
+    cfg.input_template = OFFICIAL_INPUT_TEMPLATE
+    cfg.target_template = "Question: {query}"
+    cfg.separator = " "  # decoder-only: text between the prompt and the target
+    cfg.target_eos = False  # decoder-only: also score the EOS token after the target
+    cfg.reduction = "mean"  # 'mean' (official) or 'sum' (T5X) of target-token log-probs
+    cfg.max_input_length = 512
+    cfg.max_target_length = 128
+    # 'input': cut the tokenized prompt at max_input_length (the official code;
+    # a long passage loses the instruction at the end). 'passage': shorten the
+    # passage text so the instruction survives.
+    cfg.truncation = "input"
+    # An unknown language code is an error; set e.g. 'English' to use that
+    # language name in the prompt for every unknown code instead.
+    cfg.unknown_language_name = ""
+    cfg.input_buckets = (64, 96, 128, 160, 192, 256, 320, 384, 512)
+    cfg.target_buckets = (8, 16, 24, 32, 48, 64, 96, 128)
+    cfg.tokens_per_batch = 8192  # rows x input length per batch
+    cfg.vocab_chunk = 16384  # LM-head columns per log-sum-exp step; 0 = whole vocabulary at once
+    return cfg
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+    """Checks the choices before any weights are read."""
+    for key, value, allowed in (("model", cfg.model, ("gemma3", "mt5")), ("reduction", cfg.reduction, REDUCTIONS),
+                                ("truncation", cfg.truncation, TRUNCATIONS)):
+        if value not in allowed:
+            raise ValueError(f"teacher.{key}={value!r}; choose one of {allowed}")
+    for field in ("{text}", "{language}"):
+        if field not in cfg.input_template:
+            raise ValueError(f"teacher.input_template {cfg.input_template!r} lacks the field {field}")
+    if "{query}" not in cfg.target_template:
+        raise ValueError(f"teacher.target_template {cfg.target_template!r} lacks the field {{query}}")
+    if cfg.max_input_length < 8 or cfg.max_target_length < 2:
+        raise ValueError(f"teacher.max_input_length={cfg.max_input_length} / max_target_length="
+                         f"{cfg.max_target_length} are too small to hold a prompt and a question")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedPairs:
+    """Token ids per pair: the prompt (model input or prefix) and the scored target."""
+
+    inputs: list[list[int]]
+    targets: list[list[int]]
+    truncated: int  # prompts that were cut to max_input_length
+
+
+def _check_lengths(queries: Sequence[Any], passages: Sequence[Any], languages: Sequence[Any]) -> None:
+    if not len(queries) == len(passages) == len(languages):
+        raise ValueError(f"score() needs one passage and one language per query: got {len(queries)} queries, "
+                         f"{len(passages)} passages, {len(languages)} languages")
+
+
+def _split_passage(passage: Any, index: int) -> tuple[str, str]:
+    """A passage is its text, a (title, text) pair, or a mapping with 'title'/'text'."""
+    if isinstance(passage, str):
+        title, text = "", passage
+    elif isinstance(passage, dict):
+        title, text = passage.get("title", "") or "", passage.get("text", "")
+    elif isinstance(passage, (tuple, list)) and len(passage) == 2:
+        title, text = passage
+    else:
+        raise TypeError(f"passage {index}: expected a string, a (title, text) pair or a dict, got {type(passage)}")
+    if not isinstance(text, str) or not isinstance(title, str):
+        raise TypeError(f"passage {index}: title and text must be strings")
+    if not text.strip() and not title.strip():
+        raise ValueError(f"passage {index} is empty (no title, no text)")
+    return title.strip(), text.strip()
+
+
+class Teacher:
+    """Tokenizer + generative LM on a mesh; scores (query, passage) pairs."""
+
+    def __init__(self, model: nnx.Module, tokenizer: Any, cfg: ml_collections.ConfigDict, mesh: Mesh,
+                 rules=sharding.DEFAULT_RULES):
+        validate_config(cfg)
+        self.model, self.tokenizer, self.cfg, self.mesh, self.rules = model, tokenizer, cfg, mesh, rules
+        self.kind = "encoder_decoder" if cfg.model == "mt5" else "decoder"
+        self.param_shardings = sharding.shard_module(model, mesh, rules)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._score_fn = None
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict, mesh: Mesh, rules=sharding.DEFAULT_RULES,
+                    seed: int = 0) -> Teacher:
+        validate_config(cfg)
+        start = time.perf_counter()
+        if cfg.model == "mt5":
+            from umr_jax.models.hf_checkpoint import load_tokenizer
+            from umr_jax.models.t5_weights import build_mt5, load_hf_weights, load_t5_checkpoint
+
+            ckpt = load_t5_checkpoint(cfg.checkpoint)
+            model = build_mt5(ckpt.config, param_dtype=cfg.param_dtype, dtype=cfg.dtype, seed=seed,
+                              random_init=False)
+            load_hf_weights(model, ckpt.weights, ckpt.description)
+            tokenizer = load_tokenizer(cfg.tokenizer or ckpt.tokenizer_source)
+            description = ckpt.description
+        else:
+            from umr_jax.models import gemma_weights
+
+            ckpt = gemma_weights.load_gemma_checkpoint(cfg.checkpoint)
+            model = gemma_weights.build_gemma(ckpt.config, param_dtype=cfg.param_dtype, dtype=cfg.dtype,
+                                              seed=seed, random_init=False)
+            gemma_weights.load_hf_weights(model, ckpt.weights, ckpt.description)
+            tokenizer = gemma_weights.load_tokenizer(cfg.tokenizer or ckpt.tokenizer_source)
+            description = ckpt.description
+        logging.info("teacher: %s (%s) loaded in %.1fs", description, cfg.model, time.perf_counter() - start)
+        return cls(model, tokenizer, cfg, mesh, rules)
+
+    # ------------------------------------------------------------------ text
+
+    def language_of(self, code: str, index: int) -> str:
+        """English name for the prompt; the error names the pair."""
+        try:
+            return language_name(code)
+        except ValueError:
+            if self.cfg.unknown_language_name:
+                return self.cfg.unknown_language_name
+            raise ValueError(f"pair {index}: unknown language code {code!r}; supported: "
+                             f"{', '.join(sorted(LANGUAGE_NAMES))} (or set teacher.unknown_language_name)") from None
+
+    def prompt(self, title: str, text: str, language: str) -> str:
+        template = self.cfg.input_template
+        if not title:  # "Passage: {title} {text}" without a title: no double space
+            template = template.replace("{title} ", "").replace("{title}", "")
+        return template.format(title=title, text=text, language=language)
+
+    def target(self, query: str) -> str:
+        return self.cfg.target_template.format(query=query)
+
+    def tokenize(self, queries: Sequence[str], passages: Sequence[Any], languages: Sequence[str]) -> TokenizedPairs:
+        """Prompt and target token ids per pair, validated and truncated per config."""
+        _check_lengths(queries, passages, languages)
+        prompts, targets = [], []
+        for i, (query, passage, lang) in enumerate(zip(queries, passages, languages, strict=True)):
+            if not isinstance(query, str) or not query.strip():
+                raise ValueError(f"query {i} is empty")
+            title, text = _split_passage(passage, i)
+            prompts.append(self.prompt(title, text, self.language_of(lang, i)))
+            targets.append(self.target(query.strip()))
+        max_in, max_out = int(self.cfg.max_input_length), int(self.cfg.max_target_length)
+        tok = self.tokenizer
+        input_ids = self._prompt_ids(prompts)
+        if self.kind == "encoder_decoder":
+            # As the official code: the tokenizer appends </s> to the target.
+            target_ids = tok(targets, add_special_tokens=True, truncation=True, max_length=max_out)["input_ids"]
+        else:
+            sep = self.cfg.separator
+            target_ids = tok([sep + t for t in targets], add_special_tokens=False)["input_ids"]
+            if self.cfg.target_eos:
+                target_ids = [[*t[:max_out - 1], tok.eos_token_id] for t in target_ids]
+            target_ids = [t[:max_out] for t in target_ids]
+        truncated = 0
+        for i, ids in enumerate(input_ids):
+            if len(ids) > max_in:
+                truncated += 1
+                input_ids[i] = self._truncate(ids, passages[i], languages[i], i, max_in)
+        if truncated:
+            logging.info("teacher: %d of %d prompts longer than %d tokens were truncated (%s)", truncated,
+                         len(prompts), max_in, self.cfg.truncation)
+        return TokenizedPairs(list(input_ids), list(target_ids), truncated)
+
+    def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Untruncated prompt ids: the tokenizer's specials (mT5: a final </s>), or BOS + prompt.
+
+        Decoder-only prompts get BOS (if the tokenizer has one) and nothing
+        else, whatever the tokenizer's post-processor would append, since the
+        target continues the same sequence.
+        """
+        if self.kind == "encoder_decoder":
+            return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return [bos + x for x in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+    def _truncate(self, ids: list[int], passage: Any, language: str, index: int,
+                  max_len: int) -> list[int]:
+        specials = set(self.tokenizer.all_special_ids)
+        ends_special = ids[-1] in specials and self.kind == "encoder_decoder"
+        if self.cfg.truncation == "input":
+            # Official behaviour: keep the first tokens (and the final </s>).
+            return [*ids[:max_len - 1], ids[-1]] if ends_special else ids[:max_len]
+        # 'passage': shorten the passage text until the whole prompt fits, so
+        # the instruction at the end survives. Cut by the overflow in tokens,
+        # measured again after each cut (tokenization is not additive).
+        title, text = _split_passage(passage, index)
+        name = self.language_of(language, index)
+        for _ in range(8):
+            overflow = len(ids) - max_len
+            if overflow <= 0:
+                return ids
+            text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            keep = max(0, len(text_ids) - overflow - 1)
+            text = self.tokenizer.decode(text_ids[:keep]).strip()
+            ids = self._prompt_ids([self.prompt(title, text, name)])[0]
+        return [*ids[:max_len - 1], ids[-1]] if ends_special else ids[:max_len]
+
+    # ------------------------------------------------------------------ arrays
+
+    def _arrays(self, pairs: TokenizedPairs, group: PairGroup) -> tuple[np.ndarray, ...]:
+        size, a, b = len(group.rows), group.input_length, group.target_length
+        labels = np.zeros((size, b), np.int32)
+        label_mask = np.zeros((size, b), np.int32)
+        ids = np.full((size, a), self.pad_id, np.int32)
+        mask = np.zeros((size, a), np.int32)
+        mask[:, 0] = 1  # filler rows: one visible token, so no softmax row is empty
+        if self.kind == "encoder_decoder":
+            start = self.model.config.decoder_start_token_id
+            decoder_ids = np.full((size, b), self.pad_id, np.int32)
+            decoder_mask = np.zeros((size, b), np.int32)
+            decoder_mask[:, 0] = 1
+            for r, i in enumerate(group.rows):
+                if i < 0:
+                    continue
+                x, y = pairs.inputs[i], pairs.targets[i]
+                ids[r, :len(x)], mask[r, :len(x)] = x, 1
+                labels[r, :len(y)], label_mask[r, :len(y)] = y, 1
+                decoder_ids[r, 0], decoder_ids[r, 1:len(y)] = start, y[:-1]
+                decoder_mask[r, :len(y)] = 1
+            return ids, mask, decoder_ids, decoder_mask, labels, label_mask
+        # Decoder-only: prompt then target in one row; target token j is
+        # predicted by the hidden state at position len(prompt) + j - 1.
+        positions = np.zeros((size, b), np.int32)
+        for r, i in enumerate(group.rows):
+            if i < 0:
+                continue
+            x, y = pairs.inputs[i], pairs.targets[i]
+            n = len(x) + len(y)
+            ids[r, :len(x)], ids[r, len(x):n], mask[r, :n] = x, y, 1
+            labels[r, :len(y)], label_mask[r, :len(y)] = y, 1
+            positions[r, :len(y)] = np.arange(len(x) - 1, n - 1)
+        return ids, mask, positions, labels, label_mask
+
+    def _lengths(self, pairs: TokenizedPairs) -> tuple[np.ndarray, np.ndarray]:
+        inputs = np.array([len(x) for x in pairs.inputs], np.int64)
+        targets = np.array([len(y) for y in pairs.targets], np.int64)
+        if self.kind == "decoder":
+            inputs = inputs + targets  # one sequence holds both
+        return inputs, targets
+
+    def plan(self, pairs: TokenizedPairs) -> list[PairGroup]:
+        in_len, out_len = self._lengths(pairs)
+        in_buckets = sorted(int(x) for x in self.cfg.input_buckets)
+        cap = int(self.cfg.max_input_length) + (int(self.cfg.max_target_length) if self.kind == "decoder" else 0)
+        in_buckets = sorted({min(x, cap) for x in in_buckets} | {cap})
+        out_buckets = sorted({min(int(x), int(self.cfg.max_target_length)) for x in self.cfg.target_buckets}
+                             | {int(self.cfg.max_target_length)})
+        return plan_pair_groups(in_len, out_len, in_buckets, out_buckets, int(self.cfg.tokens_per_batch),
+                                sharding.data_parallel_size(self.mesh, self.rules))
+
+    # ------------------------------------------------------------------ compute
+
+    def score_fn(self):
+        """The jitted (params, batch arrays) -> (sum of target log-probs, target count) program."""
+        if self._score_fn is None:
+            graphdef, state = nnx.split(self.model)
+            param_sharding = sharding.state_shardings(state, self.mesh, self.rules)
+            rows2 = sharding.batch_sharding(self.mesh, 2, self.rules)
+            rows1 = sharding.batch_sharding(self.mesh, 1, self.rules)
+            # A vocabulary split over `model` is reduced by GSPMD across
+            # devices; scanning over its chunks would gather it instead.
+            chunk = int(self.cfg.vocab_chunk) if self.mesh.shape["model"] == 1 else 0
+            num_arrays = 6 if self.kind == "encoder_decoder" else 5
+
+            def score(state, *arrays):
+                model = nnx.merge(graphdef, state)
+                if self.kind == "encoder_decoder":
+                    ids, mask, decoder_ids, decoder_mask, labels, label_mask = arrays
+                    encoded = model.encode(ids, mask)
+                    hidden = model.decode(encoded, mask, decoder_ids, decoder_mask)
+                else:
+                    ids, mask, positions, labels, label_mask = arrays
+                    states = model.hidden_states(ids, mask)
+                    hidden = jnp.take_along_axis(states, positions[..., None], axis=1)
+                logp = target_log_probs(model, hidden, labels, chunk)
+                weights = label_mask.astype(jnp.float32)
+                return (logp * weights).sum(-1), weights.sum(-1)
+
+            self._score_fn = jax.jit(score, in_shardings=(param_sharding,) + (rows2,) * num_arrays,
+                                     out_shardings=(rows1, rows1))
+        return self._score_fn
+
+    def score(self, queries: Sequence[str], passages: Sequence[Any], languages: Sequence[str], *,
+              progress: bool = True, desc: str = "teacher") -> np.ndarray:
+        """log P(target | prompt) per pair, float32, in input order (mean or sum per config)."""
+        _check_lengths(queries, passages, languages)
+        if not len(queries):
+            return np.zeros((0,), np.float32)
+        return self.score_tokens(self.tokenize(queries, passages, languages), progress=progress, desc=desc)
+
+    def score_tokens(self, pairs: TokenizedPairs, *, progress: bool = True, desc: str = "teacher") -> np.ndarray:
+        totals = np.zeros((len(pairs.inputs),), np.float64)
+        counts = np.zeros((len(pairs.inputs),), np.float64)
+        fn = self.score_fn()
+        _, state = nnx.split(self.model)
+        start = time.perf_counter()
+        bar = tqdm(total=len(pairs.inputs), desc=desc, unit="pair", disable=not progress, smoothing=0.1)
+        try:
+            pending = []
+            for group in self.plan(pairs):
+                arrays = sharding.shard_batch(self._arrays(pairs, group), self.mesh, self.rules)
+                pending.append((group.rows, fn(state, *arrays)))
+                if len(pending) > 2:  # keep the device busy while the host builds the next batch
+                    self._collect(*pending.pop(0), totals, counts, bar)
+            for item in pending:
+                self._collect(*item, totals, counts, bar)
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        logging.info("teacher: scored %d pairs in %.1fs (%.1f pairs/s)", len(totals), elapsed,
+                     len(totals) / max(elapsed, 1e-9))
+        scores = totals / counts if self.cfg.reduction == "mean" else totals
+        return scores.astype(np.float32)
+
+    @staticmethod
+    def _collect(rows: np.ndarray, result, totals: np.ndarray, counts: np.ndarray, bar) -> None:
+        total, count = (np.asarray(x) for x in result)
+        keep = rows >= 0
+        totals[rows[keep]] = total[keep]
+        counts[rows[keep]] = count[keep]
+        bar.update(int(keep.sum()))
+
+
+def chunk_size(vocab: int, target: int) -> int:
+    """The largest divisor of `vocab` in [target / 2, target], else `target` (the head gets padded).
+
+    Reshaping the head into equal chunks is free; padding it copies the whole
+    matrix on every call. 262,144 (Gemma) and 250,112 (mT5) both have divisors
+    close to any power-of-two target.
+    """
+    for size in range(min(target, vocab), max(1, target // 2) - 1, -1):
+        if vocab % size == 0:
+            return size
+    return target
+
+
+def target_log_probs(model: nnx.Module, hidden: jax.Array, labels: jax.Array, vocab_chunk: int) -> jax.Array:
+    """log softmax(logits)[label] at every given position, float32, shape of `labels`.
+
+    With `vocab_chunk` > 0 the log-sum-exp runs over vocabulary slices of the
+    LM head inside a scan (an online max / sum-of-exponentials), and the
+    label's logit is one dot product with its own head row; peak memory is then
+    tokens x chunk instead of tokens x vocab (262k for Gemma). 0 computes the
+    full logits at once (what a model-sharded vocabulary wants).
+    """
+    if vocab_chunk <= 0:
+        logits = model.logits(hidden)
+        picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+    head = model.head_weight()  # (vocab, hidden), compute dtype
+    vocab, width = head.shape
+    softcap = model.logit_softcap
+    flat = hidden.reshape(-1, width).astype(head.dtype)
+
+    def finish(z: jax.Array) -> jax.Array:
+        return softcap * jnp.tanh(z / softcap) if softcap else z
+
+    label_rows = jnp.take(head, labels.reshape(-1), axis=0)
+    picked = finish(jnp.einsum("nh,nh->n", flat, label_rows, preferred_element_type=jnp.float32))
+    vocab_chunk = chunk_size(vocab, vocab_chunk)
+    chunks = -(-vocab // vocab_chunk)
+    if chunks * vocab_chunk != vocab:  # a copy of the head: only when no divisor is near the target
+        head = jnp.pad(head, ((0, chunks * vocab_chunk - vocab), (0, 0)))
+    padded = head.reshape(chunks, vocab_chunk, width)
+    valid = (jnp.arange(chunks * vocab_chunk) < vocab).reshape(chunks, vocab_chunk)
+
+    def step(carry, chunk):
+        running_max, running_sum = carry
+        rows, ok = chunk
+        z = finish(jnp.einsum("nh,vh->nv", flat, rows, preferred_element_type=jnp.float32))
+        z = jnp.where(ok[None], z, -jnp.inf)
+        new_max = jnp.maximum(running_max, z.max(-1))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(z - new_max[:, None]).sum(-1)
+        return (new_max, running_sum), None
+
+    init = (jnp.full((flat.shape[0],), -jnp.inf, jnp.float32), jnp.zeros((flat.shape[0],), jnp.float32))
+    (maximum, total), _ = jax.lax.scan(step, init, (padded, valid))
+    return (picked - (maximum + jnp.log(total))).reshape(labels.shape)

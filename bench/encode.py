@@ -16,27 +16,17 @@ utilisation. The last line is the headline ratio.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import sys
 import time
 
 from absl import app, flags
 
-# One JAX CPU device per core, set before JAX is imported: data parallelism
-# over the cores beats one device with multi-threaded ops (each device then
-# runs whole programs on its core, with no per-op thread synchronisation).
-# This is the same mesh code path as a TPU slice; see README "CPU hosts".
-_CPU_DEVICES = int(os.environ.get("UMR_CPU_DEVICES", os.cpu_count() or 1))
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={_CPU_DEVICES}").strip()
+from common import DEFAULT_DATA_DIR, best_time, jax_matmul_peak, xquad_r_paragraphs  # sets XLA_FLAGS first
 
 _NUM = flags.DEFINE_integer("num_passages", 2000, "How many candidate sentences to encode.")
 _MAX_LEN = flags.DEFINE_integer("max_length", 128, "Max tokens per passage.")
-_DATA = flags.DEFINE_string("data_dir", str(pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"),
-                            "Directory holding xquad-r/.")
+_DATA = flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "Directory holding xquad-r/.")
 _TORCH_BATCHES = flags.DEFINE_list("torch_batch_sizes", ["16", "32", "64", "128"],
                                    "PyTorch batch sizes to try; the best counts.")
 _TOKENS = flags.DEFINE_integer("tokens_per_batch", 0, "Override the retriever's token budget per batch.")
@@ -44,30 +34,12 @@ _BF16 = flags.DEFINE_bool("bf16_autocast", True, "Also time PyTorch with bfloat1
                            "the float32 winner's batch size.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved timed rounds (best counts).")
 
-LANGS = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
-
 
 def candidate_sentences(data_dir: pathlib.Path, n: int) -> list[str]:
     """An even sample of the pooled multilingual candidates (sentence only)."""
-    pool = []
-    for lang in LANGS:
-        path = data_dir / "xquad-r" / f"{lang}.json"
-        if not path.is_file():
-            sys.exit(f"{path}: missing; pass --data_dir pointing at the folder holding xquad-r/")
-        for article in json.loads(path.read_text("utf-8"))["data"]:
-            for para in article["paragraphs"]:
-                pool.extend(para["sentences"])
+    pool = [sentence for _, para in xquad_r_paragraphs(data_dir) for sentence in para["sentences"]]
     step = max(1, len(pool) // n)
     return pool[::step][:n]
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def model_flops(token_lengths, hidden: int, ffn: int, layers: int) -> float:
@@ -77,24 +49,6 @@ def model_flops(token_lengths, hidden: int, ffn: int, layers: int) -> float:
         per_layer = 2 * n * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * n * n * hidden
         total += layers * per_layer
     return total
-
-
-def jax_matmul_peak(mesh) -> tuple[float, float]:
-    """float32 2048^3 matmul FLOP/s: on one device, and data-parallel over the mesh."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
-    n = mesh.devices.size
-    b = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    a1 = jax.device_put(jnp.ones((2048, 2048), jnp.float32), mesh.devices.flat[0])
-    f(a1, b).block_until_ready()
-    single = 2 * 2048 ** 3 / best_time(lambda: f(a1, b).block_until_ready(), 5)
-    an = jax.device_put(jnp.ones((n * 2048, 2048), jnp.float32), NamedSharding(mesh, PartitionSpec("data")))
-    bn = jax.device_put(b, NamedSharding(mesh, PartitionSpec()))
-    f(an, bn).block_until_ready()
-    parallel = 2 * n * 2048 ** 3 / best_time(lambda: f(an, bn).block_until_ready(), 5)
-    return single, parallel
 
 
 def main(argv):

@@ -1,6 +1,9 @@
-"""Shared fixtures-as-functions: a tiny random BERT in PyTorch and in our Flax."""
+"""Shared fixtures-as-functions: a tiny random BERT in PyTorch and in our Flax, torch state dicts, config edits."""
 
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 import torch
@@ -25,8 +28,31 @@ def tiny_torch_bert(seed: int = 0, **overrides) -> transformers.BertModel:
     return model.eval()
 
 
+def perturb_norms(model: torch.nn.Module, pattern: str, scale: float) -> torch.nn.Module:
+    """Adds scale * N(0, 1) noise (torch's global RNG) to every parameter whose name contains `pattern`.
+
+    Freshly initialised norm weights are all ones (or zeros for 1 + w norms):
+    a wrong offset or a swapped norm would go unnoticed without this.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if pattern in name:
+                p.add_(scale * torch.randn_like(p))
+    return model
+
+
 def torch_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def edit_config(directory: str, **changes) -> None:
+    """Updates keys of a saved model's config.json in place."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
 
 
 def ours_from_torch(model: transformers.BertModel, **kwargs) -> BertEncoder:

@@ -1,6 +1,5 @@
 """Import from Hugging Face directories / hub ids, export back, and bad checkpoints."""
 
-import json
 import os
 
 import jax.numpy as jnp
@@ -9,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import TINY, ours_from_torch, padded_batch, tiny_torch_bert, torch_pooled
+from helpers import TINY, edit_config, ours_from_torch, padded_batch, tiny_torch_bert, torch_pooled
 from umr_jax.models.bert_weights import CheckpointError
 from umr_jax.models.hf_checkpoint import export_hf, load_checkpoint
 from umr_jax.retriever import build_encoder, default_config
@@ -20,15 +19,6 @@ def hf_dir(tmp_path):
     ref = tiny_torch_bert()
     ref.save_pretrained(tmp_path / "tiny")  # config.json + model.safetensors
     return ref, str(tmp_path / "tiny")
-
-
-def _edit_config(directory: str, **changes) -> None:
-    path = os.path.join(directory, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg.update(changes)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
 
 
 def _encoder_from(ckpt):
@@ -105,21 +95,21 @@ def test_missing_config(hf_dir):
 
 def test_unknown_architecture(hf_dir):
     _, path = hf_dir
-    _edit_config(path, model_type="gpt2")
+    edit_config(path, model_type="gpt2")
     with pytest.raises(CheckpointError, match="model_type 'gpt2' is not a supported retriever architecture"):
         load_checkpoint(path)
 
 
 def test_config_that_does_not_match_weights(hf_dir):
     _, path = hf_dir
-    _edit_config(path, intermediate_size=48)
+    edit_config(path, intermediate_size=48)
     with pytest.raises(CheckpointError, match=r"intermediate.dense.weight' has shape \(64, 32\).*expects \(48, 32\)"):
         _encoder_from(load_checkpoint(path))
 
 
 def test_fewer_layers_in_weights_than_config(hf_dir):
     _, path = hf_dir
-    _edit_config(path, num_hidden_layers=3)
+    edit_config(path, num_hidden_layers=3)
     with pytest.raises(CheckpointError, match=r"missing tensors \['encoder.layer.2"):
         _encoder_from(load_checkpoint(path))
 

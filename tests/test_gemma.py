@@ -18,6 +18,7 @@ import torch
 import transformers
 from flax import nnx
 
+from helpers import edit_config, perturb_norms, torch_state
 from umr_jax import sharding
 from umr_jax.models import gemma_weights
 from umr_jax.models.bert_weights import CheckpointError
@@ -43,16 +44,7 @@ def tiny_torch_gemma(seed: int = 0, **overrides) -> transformers.Gemma3ForCausal
     torch.manual_seed(seed)
     config = transformers.Gemma3TextConfig(**{**TINY, **overrides})
     config._attn_implementation = "eager"
-    model = transformers.Gemma3ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-    return model
-
-
-def torch_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return perturb_norms(transformers.Gemma3ForCausalLM(config).eval(), "norm", 0.3)
 
 
 def ours_from_torch(model: transformers.Gemma3ForCausalLM, **kwargs):
@@ -226,10 +218,7 @@ def test_bad_hf_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match=r"different 'lm_head.weight'"):
         load_hf_weights(model, {**state, "lm_head.weight": state["lm_head.weight"] + 1}, "src")
     ref.config.save_pretrained(tmp_path / "bert")
-    with open(tmp_path / "bert" / "config.json") as f:
-        raw = json.load(f)
-    with open(tmp_path / "bert" / "config.json", "w") as f:
-        json.dump({**raw, "model_type": "bert"}, f)
+    edit_config(str(tmp_path / "bert"), model_type="bert")
     with pytest.raises(CheckpointError, match=r"config.json: model_type 'bert' is not a Gemma 3"):
         load_gemma_checkpoint(str(tmp_path / "bert"))
 

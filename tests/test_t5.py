@@ -13,6 +13,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers.models.mt5.modeling_mt5 import MT5Attention
 
+from helpers import edit_config
 from umr_jax.models.bert_weights import CheckpointError
 from umr_jax.models.t5 import MT5, T5Config, relative_position_buckets, shift_right
 from umr_jax.models.t5_weights import build_mt5, export_hf_weights, export_t5_hf, load_hf_weights, load_t5_checkpoint
@@ -306,15 +307,6 @@ def hf_dir(tmp_path, ref):
     return str(tmp_path / "tiny")
 
 
-def _edit_config(directory: str, **changes) -> None:
-    path = os.path.join(directory, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg.update(changes)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-
-
 def _edit_weights(directory: str, edit) -> None:
     path = os.path.join(directory, "model.safetensors")
     weights = load_file(path)
@@ -328,13 +320,13 @@ def _load(directory: str) -> None:
 
 
 def test_wrong_model_type_names_the_file(hf_dir):
-    _edit_config(hf_dir, model_type="bert")
+    edit_config(hf_dir, model_type="bert")
     with pytest.raises(CheckpointError, match=r"config\.json: model_type 'bert' is not an encoder-decoder"):
         load_t5_checkpoint(hf_dir)
 
 
 def test_unsupported_activation_names_the_file(hf_dir):
-    _edit_config(hf_dir, feed_forward_proj="gated-tanh-x")
+    edit_config(hf_dir, feed_forward_proj="gated-tanh-x")
     with pytest.raises(CheckpointError, match=r"config\.json: feed_forward_proj 'gated-tanh-x'"):
         load_t5_checkpoint(hf_dir)
 
@@ -346,13 +338,13 @@ def test_missing_tensor_is_named(hf_dir):
 
 
 def test_extra_layers_are_unexpected(hf_dir):
-    _edit_config(hf_dir, num_decoder_layers=2)
+    edit_config(hf_dir, num_decoder_layers=2)
     with pytest.raises(CheckpointError, match=r"unexpected tensors \['decoder\.block\.2.*num_decoder_layers 2"):
         _load(hf_dir)
 
 
 def test_shape_mismatch_names_tensor_and_shapes(hf_dir):
-    _edit_config(hf_dir, d_ff=64)
+    edit_config(hf_dir, d_ff=64)
     with pytest.raises(CheckpointError,
                        match=r"'encoder\.block\.0\.layer\.1\.DenseReluDense\.wi_0\.weight' has shape \(48, 32\)"
                              r".*expects \(64, 32\)"):
@@ -360,7 +352,7 @@ def test_shape_mismatch_names_tensor_and_shapes(hf_dir):
 
 
 def test_gated_config_with_relu_weights_is_caught(hf_dir):
-    _edit_config(hf_dir, feed_forward_proj="relu")
+    edit_config(hf_dir, feed_forward_proj="relu")
     with pytest.raises(CheckpointError,
                        match=r"missing tensors .*DenseReluDense\.wi\.weight.*feed_forward_proj 'relu'"):
         _load(hf_dir)
@@ -373,7 +365,7 @@ def test_alias_that_differs_from_shared(hf_dir):
 
 
 def test_tied_config_with_separate_head(hf_dir):
-    _edit_config(hf_dir, model_type="t5", scale_decoder_outputs=True)
+    edit_config(hf_dir, model_type="t5", scale_decoder_outputs=True)
     with pytest.raises(CheckpointError, match=r"ties the LM head .* different 'lm_head\.weight'"):
         _load(hf_dir)
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+from helpers import perturb_norms, torch_state
 from umr_jax import sharding, teacher
 from umr_jax.models import gemma_weights, t5_weights
 from umr_jax.models.gemma import Gemma3Config
@@ -43,12 +44,7 @@ def tiny_gemma(vocab: int) -> transformers.Gemma3ForCausalLM:
         num_key_value_heads=2, head_dim=8, sliding_window=16, max_position_embeddings=512,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"], query_pre_attn_scalar=8,
         rope_theta=10_000.0, pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    model = transformers.Gemma3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+    return perturb_norms(transformers.Gemma3ForCausalLM(cfg).eval(), "norm", 0.2)
 
 
 def tiny_mt5(vocab: int) -> transformers.MT5ForConditionalGeneration:
@@ -57,16 +53,7 @@ def tiny_mt5(vocab: int) -> transformers.MT5ForConditionalGeneration:
                                  num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
                                  feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=1,
                                  eos_token_id=2, decoder_start_token_id=1)
-    model = transformers.MT5ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
-
-
-def state_of(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return perturb_norms(transformers.MT5ForConditionalGeneration(cfg).eval(), "layer_norm", 0.2)
 
 
 def make_teacher(kind: str, torch_model, tokenizer, mesh, **overrides) -> teacher.Teacher:
@@ -80,11 +67,11 @@ def make_teacher(kind: str, torch_model, tokenizer, mesh, **overrides) -> teache
     if kind == "mt5":
         config = T5Config.from_hf_dict(torch_model.config.to_dict())
         model = t5_weights.build_mt5(config, param_dtype="float32", dtype="float32", seed=0, random_init=False)
-        t5_weights.load_hf_weights(model, state_of(torch_model), "tiny mt5")
+        t5_weights.load_hf_weights(model, torch_state(torch_model), "tiny mt5")
     else:
         config = Gemma3Config.from_hf_dict(torch_model.config.to_dict())
         model = gemma_weights.build_gemma(config, param_dtype="float32", dtype="float32", seed=0, random_init=False)
-        gemma_weights.load_hf_weights(model, state_of(torch_model), "tiny gemma")
+        gemma_weights.load_hf_weights(model, torch_state(torch_model), "tiny gemma")
     return teacher.Teacher(model, tokenizer, cfg, mesh)
 
 

@@ -10,9 +10,12 @@ the bucket spacing instead of by the longest text of the corpus.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
+
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,21 @@ def _next_batch_size(sizes: list[int], remaining: int) -> int:
     return fitting[-1] if fitting else sizes[0]
 
 
+def _chunks(members: Sequence[_T], length: int, tokens_per_batch: int,
+            multiple_of: int) -> Iterator[tuple[Sequence[_T], int]]:
+    """Consecutive runs of `members` and the batch size each is padded to.
+
+    Full batches of the row count for `length`, then the smallest halving that
+    holds the tail (see :func:`_tail_sizes`).
+    """
+    sizes = _tail_sizes(batch_rows_for(length, tokens_per_batch, multiple_of), multiple_of)
+    start = 0
+    while start < len(members):
+        size = _next_batch_size(sizes, len(members) - start)
+        yield members[start:start + size], size
+        start += size
+
+
 def plan_batches(token_ids: Sequence[Sequence[int]], buckets: Sequence[int], tokens_per_batch: int,
                  pad_id: int, multiple_of: int = 1) -> list[Batch]:
     """Groups tokenized texts into padded batches (see module docstring).
@@ -70,12 +88,7 @@ def plan_batches(token_ids: Sequence[Sequence[int]], buckets: Sequence[int], tok
         members = order[bucket_of == bucket]
         if not len(members):
             continue
-        sizes = _tail_sizes(batch_rows_for(bucket, tokens_per_batch, multiple_of), multiple_of)
-        start = 0
-        while start < len(members):
-            size = _next_batch_size(sizes, len(members) - start)
-            take = members[start:start + size]
-            start += len(take)
+        for take, size in _chunks(members, bucket, tokens_per_batch, multiple_of):
             batches.append(_pad(token_ids, take, size, bucket, pad_id))
     return batches
 
@@ -149,13 +162,8 @@ def plan_packed(token_ids: Sequence[Sequence[int]], row_lengths: Sequence[int], 
     batches = []
     for row_length in sorted({size for size, _ in packed}):
         rows = [texts for size, texts in packed if size == row_length]
-        sizes = _tail_sizes(batch_rows_for(row_length, tokens_per_batch, multiple_of), multiple_of)
-        start = 0
-        while start < len(rows):
-            size = _next_batch_size(sizes, len(rows) - start)
-            batches.append(_fill_packed(token_ids, rows[start:start + size], size, row_length,
-                                        max_segments, pad_id))
-            start += size
+        for chunk, size in _chunks(rows, row_length, tokens_per_batch, multiple_of):
+            batches.append(_fill_packed(token_ids, chunk, size, row_length, max_segments, pad_id))
     return batches
 
 
@@ -217,12 +225,7 @@ def plan_pair_groups(input_lengths: np.ndarray, target_lengths: np.ndarray, inpu
             if not len(members):
                 continue
             members = members[np.argsort(input_lengths[members], kind="stable")]
-            sizes = _tail_sizes(batch_rows_for(a, tokens_per_batch, multiple_of), multiple_of)
-            start = 0
-            while start < len(members):
-                size = _next_batch_size(sizes, len(members) - start)
-                take = members[start:start + size]
-                start += len(take)
+            for take, size in _chunks(members, a, tokens_per_batch, multiple_of):
                 rows = np.full((size,), -1, dtype=np.int64)
                 rows[:len(take)] = take
                 groups.append(PairGroup(rows=rows, input_length=a, target_length=b))

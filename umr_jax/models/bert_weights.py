@@ -12,25 +12,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from umr_jax.models.bert import BertConfig, BertEncoder
+from umr_jax.models.state_dict import CheckpointError as CheckpointError  # re-exported: its historical home
+from umr_jax.models.state_dict import Slot, export_state_dict, load_state_dict
+
+# Tensors that HF BERT checkpoints carry but a pooled retriever never uses.
+_IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, or does not match its config."""
-
-
-def _strip_prefix(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Accepts both ``BertModel`` names and ``BertFor*`` names (``bert.`` prefix)."""
+def _canonical_names(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``BertModel`` names from ``BertModel`` or ``BertFor*`` (``bert.`` prefix) state dicts, unused tensors dropped."""
     if any(k.startswith("bert.") for k in weights):
-        return {k[len("bert."):]: v for k, v in weights.items() if k.startswith("bert.")}
-    return dict(weights)
+        weights = {k[len("bert."):]: v for k, v in weights.items() if k.startswith("bert.")}
+    return {k: v for k, v in weights.items() if not k.startswith(_IGNORED_PREFIXES)}
 
 
-def _slots(model: BertEncoder) -> Iterator[tuple[str, nnx.Param, tuple[int, ...], str]]:
+def _slots(model: BertEncoder) -> Iterator[Slot]:
     """(hf_name, our_param, hf_shape, layout) for every tensor of the model.
 
     layout says how the PyTorch tensor becomes ours: 'same', 'T' (a Linear
@@ -76,7 +75,7 @@ def _to_ours(x: np.ndarray, layout: str, cfg: BertConfig) -> np.ndarray:
     return x
 
 
-def _to_hf(x: np.ndarray, layout: str, cfg: BertConfig) -> np.ndarray:
+def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
     if layout == "T":
         return x.T
     if layout == "qkv":
@@ -88,45 +87,16 @@ def _to_hf(x: np.ndarray, layout: str, cfg: BertConfig) -> np.ndarray:
     return x
 
 
-# Tensors that HF BERT checkpoints carry but a pooled retriever never uses.
-_IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
-
-
 def load_hf_weights(model: BertEncoder, weights: Mapping[str, np.ndarray], source: str) -> None:
     """Copies HF-named tensors into `model`; every tensor must be present and fit."""
-    weights = _strip_prefix(weights)
     cfg = model.config
-    used: set[str] = set()
-    missing: list[str] = []
-    for name, param, shape, layout in _slots(model):
-        if name not in weights:
-            missing.append(name)
-            continue
-        value = np.asarray(weights[name])
-        if tuple(value.shape) != shape:
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(value.shape)} but the config "
-                f"(hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, vocab "
-                f"{cfg.vocab_size}) expects {shape}"
-            )
-        param.set_value(jnp.asarray(_to_ours(value, layout, cfg), dtype=param.get_value().dtype))
-        used.add(name)
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{source}: missing tensors {missing[:5]}{more}; is this a BERT checkpoint?")
-    unexpected = [k for k in weights if k not in used and not k.startswith(_IGNORED_PREFIXES)]
-    if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise CheckpointError(
-            f"{source}: unexpected tensors {unexpected[:5]}{more}; the config's num_hidden_layers is "
-            f"{cfg.num_hidden_layers}"
-        )
+    load_state_dict(
+        _slots(model), _canonical_names(weights), source, lambda x, layout: _to_ours(x, layout, cfg),
+        config_fields=f"hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}",
+        missing_hint="is this a BERT checkpoint?",
+        unexpected_hint=f"the config's num_hidden_layers is {cfg.num_hidden_layers}")
 
 
 def export_hf_weights(model: BertEncoder) -> dict[str, np.ndarray]:
     """Our parameters as a float32 ``BertModel`` state dict (PyTorch layout)."""
-    out = {}
-    for name, param, _, layout in _slots(model):
-        value = np.asarray(param.get_value(), dtype=np.float32)
-        out[name] = np.ascontiguousarray(_to_hf(value, layout, model.config))
-    return out
+    return export_state_dict(_slots(model), _to_hf)

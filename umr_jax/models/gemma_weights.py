@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
-import json
 import os
 import re
 import shutil
@@ -49,8 +48,9 @@ from absl import logging
 from flax import nnx
 
 from umr_jax import atomic
-from umr_jax.models.bert_weights import CheckpointError
 from umr_jax.models.gemma import MODEL_TYPES, Gemma3, Gemma3Config, default_layer_types
+from umr_jax.models.hf_checkpoint import download_from_hub, read_config_json, read_hf_weights
+from umr_jax.models.state_dict import CheckpointError, Slot, export_state_dict, load_state_dict, name_list
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _CHECKPOINT_FLAG = "--config.teacher.checkpoint"
@@ -100,7 +100,7 @@ class LoadedGemma:
 # ---------------------------------------------------------------- HF names <-> ours
 
 
-def _slots(model: Gemma3) -> Iterator[tuple[str, nnx.Param, tuple[int, ...], str]]:
+def _slots(model: Gemma3) -> Iterator[Slot]:
     """(hf_name, our_param, hf_shape, layout) for every tensor of the model.
 
     layout says how the PyTorch tensor becomes ours: 'same', 'T' (a Linear
@@ -154,10 +154,6 @@ def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
     return x
 
 
-def _more(names: list[str]) -> str:
-    return f"{names[:5]}" + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
-
-
 def canonical_names(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``Gemma3ForCausalLM`` names from causal-LM, text-model or multimodal checkpoints.
 
@@ -193,30 +189,15 @@ def load_hf_weights(model: Gemma3, weights: Mapping[str, np.ndarray], source: st
                 f"{source}: the config ties the LM head to 'model.embed_tokens.weight' (tie_word_embeddings "
                 "true) but the checkpoint has a different 'lm_head.weight'; set tie_word_embeddings to false "
                 "if the head is separate")
-    used: set[str] = set()
-    missing: list[str] = []
-    for name, param, shape, layout in _slots(model):
-        if name not in weights:
-            missing.append(name)
-            continue
-        value = np.asarray(weights[name])
-        if tuple(value.shape) != shape:
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(value.shape)} but the config (hidden "
-                f"{cfg.hidden_size}, intermediate {cfg.intermediate_size}, heads {cfg.num_attention_heads}, "
-                f"kv heads {cfg.num_key_value_heads}, head_dim {cfg.head_dim}, vocab {cfg.vocab_size}) "
-                f"expects {shape}")
-        param.set_value(jnp.asarray(_to_ours(value, layout, cfg), dtype=param.get_value().dtype))
-        used.add(name)
-    if missing:
-        raise CheckpointError(
-            f"{source}: missing tensors {_more(missing)}; is this a Gemma 3 checkpoint matching its config "
-            f"(num_hidden_layers {cfg.num_hidden_layers}, tie_word_embeddings {cfg.tie_word_embeddings})?")
-    unexpected = [k for k in weights if k not in used]
-    if unexpected:
-        raise CheckpointError(
-            f"{source}: unexpected tensors {_more(unexpected)}; the config has num_hidden_layers "
-            f"{cfg.num_hidden_layers} and tie_word_embeddings {cfg.tie_word_embeddings}")
+    load_state_dict(
+        _slots(model), weights, source, lambda x, layout: _to_ours(x, layout, cfg),
+        config_fields=(f"hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, heads "
+                       f"{cfg.num_attention_heads}, kv heads {cfg.num_key_value_heads}, head_dim {cfg.head_dim}, "
+                       f"vocab {cfg.vocab_size}"),
+        missing_hint=(f"is this a Gemma 3 checkpoint matching its config (num_hidden_layers "
+                      f"{cfg.num_hidden_layers}, tie_word_embeddings {cfg.tie_word_embeddings})?"),
+        unexpected_hint=(f"the config has num_hidden_layers {cfg.num_hidden_layers} and tie_word_embeddings "
+                         f"{cfg.tie_word_embeddings}"))
 
 
 def export_hf_weights(model: Gemma3) -> dict[str, np.ndarray]:
@@ -225,10 +206,7 @@ def export_hf_weights(model: Gemma3) -> dict[str, np.ndarray]:
     ``lm_head.weight`` is always present, a copy of the embedding when tied,
     as in ``Gemma3ForCausalLM.state_dict()``.
     """
-    out = {}
-    for name, param, _, layout in _slots(model):
-        value = np.asarray(param.get_value(), dtype=np.float32)
-        out[name] = np.ascontiguousarray(_to_hf(value, layout))
+    out = export_state_dict(_slots(model), _to_hf)
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"].copy()
     return out
@@ -424,14 +402,14 @@ def read_gguf(path: str | None = None) -> tuple[Gemma3Config, dict[str, np.ndarr
     config = _gguf_config(reader, path, shapes)
     unknown = [name for name in shapes if gguf_to_hf_name(name) is None]
     if unknown:
-        raise CheckpointError(f"{path}: tensors {_more(unknown)} are not part of a Gemma 3 language model")
+        raise CheckpointError(f"{path}: tensors {name_list(unknown)} are not part of a Gemma 3 language model")
     expected = {gguf: gguf_to_hf_name(gguf) for gguf in _gguf_tensor_names(config)}
     missing = [name for name in expected if name not in shapes]
     if missing:
-        raise CheckpointError(f"{path}: missing tensors {_more(missing)} for {config.num_hidden_layers} layers")
+        raise CheckpointError(f"{path}: missing tensors {name_list(missing)} for {config.num_hidden_layers} layers")
     extra = [name for name in shapes if name not in expected]
     if extra:
-        raise CheckpointError(f"{path}: tensors {_more(extra)} beyond the {config.num_hidden_layers} layers that "
+        raise CheckpointError(f"{path}: tensors {name_list(extra)} beyond the {config.num_hidden_layers} layers that "
                               f"{GGUF_ARCHITECTURE}.block_count declares")
     weights: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
@@ -504,20 +482,7 @@ def load_tokenizer(source: str) -> Any:
 
 def read_gemma_config(directory: str) -> Gemma3Config:
     """config.json of a Gemma 3 directory; any other model_type is a clear error naming the file."""
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing; a Hugging Face model directory needs config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    model_type = raw.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not a Gemma 3 language model "
-                              f"(supported: {', '.join(MODEL_TYPES)})")
+    path, raw = read_config_json(directory, MODEL_TYPES, "a Gemma 3 language model")
     try:
         return Gemma3Config.from_hf_dict(raw)
     except (TypeError, ValueError, KeyError) as e:
@@ -526,8 +491,6 @@ def read_gemma_config(directory: str) -> Gemma3Config:
 
 def load_gemma_checkpoint(spec: str, tokenizer: str = "") -> LoadedGemma:
     """Resolves a checkpoint spec (see the module docstring) to config, weights and tokenizer source."""
-    from umr_jax.models.hf_checkpoint import download_from_hub, read_hf_weights
-
     if spec == "gguf" or spec.startswith("gguf:") or spec.endswith(".gguf"):
         path = spec[len("gguf:"):] if spec.startswith("gguf:") else "" if spec == "gguf" else spec
         path = os.path.abspath(os.path.expanduser(path)) if path else default_gguf_path()

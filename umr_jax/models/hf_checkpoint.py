@@ -8,8 +8,8 @@ Sources, by what the user passes as ``retriever.checkpoint``:
     sharded, with ``model.safetensors.index.json``) or ``pytorch_model.bin``;
   * a hub id such as ``facebook/mcontriever``, fetched with huggingface_hub.
 
-`read_hf_weights` and `download_from_hub` also serve the mT5 teacher
-(:mod:`umr_jax.models.t5_weights`).
+`read_config_json`, `read_hf_weights` and `download_from_hub` also serve the
+teachers (:mod:`umr_jax.models.t5_weights`, :mod:`umr_jax.models.gemma_weights`).
 
 Export writes a directory that ``transformers.AutoModel`` and ``AutoTokenizer``
 load. Writes go to a temporary sibling directory that is renamed into place, so
@@ -23,13 +23,15 @@ import importlib.util
 import json
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from umr_jax import atomic
 from umr_jax.models.bert import BertConfig, BertEncoder
-from umr_jax.models.bert_weights import CheckpointError, export_hf_weights
+from umr_jax.models.bert_weights import export_hf_weights
+from umr_jax.models.state_dict import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("bert",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -59,7 +61,13 @@ def default_e5_tokenizer_file() -> str:
     return os.path.join(root, "assets", "multilingual-e5-small", "tokenizer.json")
 
 
-def read_hf_config(directory: str) -> BertConfig:
+def read_config_json(directory: str, model_types: Sequence[str], what: str) -> tuple[str, dict[str, Any]]:
+    """(path, contents) of a model directory's config.json, whose model_type must be one of `model_types`.
+
+    `what` names the accepted architectures in the error for any other
+    model_type ("... is not {what} (supported: ...)"). The model-specific
+    checks and the conversion to a config are the caller's.
+    """
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing; a Hugging Face model directory needs config.json")
@@ -68,11 +76,17 @@ def read_hf_config(directory: str) -> BertConfig:
             raw = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
     model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(
-            f"{path}: model_type {model_type!r} is not a supported retriever architecture "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if model_type not in model_types:
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not {what} "
+                              f"(supported: {', '.join(model_types)})")
+    return path, raw
+
+
+def read_hf_config(directory: str) -> BertConfig:
+    path, raw = read_config_json(directory, SUPPORTED_MODEL_TYPES, "a supported retriever architecture")
     if raw.get("position_embedding_type", "absolute") != "absolute":
         raise CheckpointError(f"{path}: position_embedding_type {raw['position_embedding_type']!r} "
                               "is not supported (only 'absolute')")

@@ -314,7 +314,17 @@ class FeedForward(nnx.Module):
         return hidden @ self.wo[...].astype(self.dtype)
 
 
-class EncoderLayer(nnx.Module):
+class _Block(nnx.Module):
+    """What the encoder's and decoder's pre-norm blocks share: dropout on each residual, the FFN sub-layer last."""
+
+    def _residual(self, x: jax.Array, update: jax.Array, deterministic: bool) -> jax.Array:
+        return x + self.dropout(update, deterministic=deterministic)
+
+    def _feed_forward(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        return self._residual(x, self.ffn(self.ffn_norm(x), deterministic=deterministic), deterministic)
+
+
+class EncoderLayer(_Block):
     """Pre-norm block: x + Attn(norm(x)), then x + FFN(norm(x))."""
 
     def __init__(self, cfg: T5Config, *, first: bool, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs,
@@ -329,13 +339,12 @@ class EncoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, position_bias: jax.Array, mask_bias: jax.Array, *,
                  deterministic: bool) -> jax.Array:
         h = self.attention_norm(x)
-        x = x + self.dropout(self.attention(h, h, position_bias, mask_bias, deterministic=deterministic),
-                             deterministic=deterministic)
-        return x + self.dropout(self.ffn(self.ffn_norm(x), deterministic=deterministic),
-                                deterministic=deterministic)
+        x = self._residual(x, self.attention(h, h, position_bias, mask_bias, deterministic=deterministic),
+                           deterministic)
+        return self._feed_forward(x, deterministic)
 
 
-class DecoderLayer(nnx.Module):
+class DecoderLayer(_Block):
     """Pre-norm block: causal self-attention, cross-attention to the encoder, FFN."""
 
     def __init__(self, cfg: T5Config, *, first: bool, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs,
@@ -352,45 +361,50 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, encoded: jax.Array, position_bias: jax.Array, self_mask_bias: jax.Array,
                  cross_mask_bias: jax.Array, *, deterministic: bool) -> jax.Array:
         h = self.self_attention_norm(x)
-        x = x + self.dropout(self.self_attention(h, h, position_bias, self_mask_bias, deterministic=deterministic),
-                             deterministic=deterministic)
+        x = self._residual(x, self.self_attention(h, h, position_bias, self_mask_bias, deterministic=deterministic),
+                           deterministic)
         # Cross-attention has no position bias (Hugging Face adds zeros).
         h = self.cross_attention_norm(x)
-        x = x + self.dropout(self.cross_attention(h, encoded, None, cross_mask_bias, deterministic=deterministic),
-                             deterministic=deterministic)
-        return x + self.dropout(self.ffn(self.ffn_norm(x), deterministic=deterministic),
-                                deterministic=deterministic)
+        x = self._residual(x, self.cross_attention(h, encoded, None, cross_mask_bias, deterministic=deterministic),
+                           deterministic)
+        return self._feed_forward(x, deterministic)
 
 
-class Encoder(nnx.Module):
-    """Embedded source tokens -> encoder states; bidirectional position bias shared by all layers."""
+class _Stack(nnx.Module):
+    """Blocks of one kind (the first owns the stack's relative bias table), then a final norm; dropout around."""
 
-    def __init__(self, cfg: T5Config, *, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs,
-                 random_init: bool = True):
+    def __init__(self, cfg: T5Config, block: type[_Block], num_blocks: int, *, param_dtype: jnp.dtype,
+                 dtype: jnp.dtype, rngs: nnx.Rngs, random_init: bool = True):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs, random_init=random_init)
-        self.layers = nnx.List([EncoderLayer(cfg, first=i == 0, **kw) for i in range(cfg.num_layers)])
+        self.layers = nnx.List([block(cfg, first=i == 0, **kw) for i in range(num_blocks)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, param_dtype)
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+
+    def _run(self, x: jax.Array, *args: jax.Array, deterministic: bool) -> jax.Array:
+        """Dropout, every block with `args`, the final norm, dropout."""
+        x = self.dropout(x, deterministic=deterministic)
+        for layer in self.layers:
+            x = layer(x, *args, deterministic=deterministic)
+        return self.dropout(self.final_norm(x), deterministic=deterministic)
+
+
+class Encoder(_Stack):
+    """Embedded source tokens -> encoder states; bidirectional position bias shared by all layers."""
+
+    def __init__(self, cfg: T5Config, **kw: Any):
+        super().__init__(cfg, EncoderLayer, cfg.num_layers, **kw)
 
     def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
         length = x.shape[1]
         position_bias = self.layers[0].attention.position_bias(length, length)
-        mask_bias = _key_bias(mask)
-        x = self.dropout(x, deterministic=deterministic)
-        for layer in self.layers:
-            x = layer(x, position_bias, mask_bias, deterministic=deterministic)
-        return self.dropout(self.final_norm(x), deterministic=deterministic)
+        return self._run(x, position_bias, _key_bias(mask), deterministic=deterministic)
 
 
-class Decoder(nnx.Module):
+class Decoder(_Stack):
     """Embedded target tokens + encoder states -> decoder states; causal, teacher-forced (no cache)."""
 
-    def __init__(self, cfg: T5Config, *, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs,
-                 random_init: bool = True):
-        kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs, random_init=random_init)
-        self.layers = nnx.List([DecoderLayer(cfg, first=i == 0, **kw) for i in range(cfg.num_decoder_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, param_dtype)
-        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
+    def __init__(self, cfg: T5Config, **kw: Any):
+        super().__init__(cfg, DecoderLayer, cfg.num_decoder_layers, **kw)
 
     def __call__(self, x: jax.Array, encoded: jax.Array, encoder_mask: jax.Array, decoder_mask: jax.Array, *,
                  deterministic: bool) -> jax.Array:
@@ -399,11 +413,8 @@ class Decoder(nnx.Module):
         causal = jnp.tril(jnp.ones((length, length), bool))
         visible = causal[None, None] & decoder_mask.astype(bool)[:, None, None, :]
         self_mask_bias = jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)  # (batch, 1, T, T)
-        cross_mask_bias = _key_bias(encoder_mask)
-        x = self.dropout(x, deterministic=deterministic)
-        for layer in self.layers:
-            x = layer(x, encoded, position_bias, self_mask_bias, cross_mask_bias, deterministic=deterministic)
-        return self.dropout(self.final_norm(x), deterministic=deterministic)
+        return self._run(x, encoded, position_bias, self_mask_bias, _key_bias(encoder_mask),
+                         deterministic=deterministic)
 
 
 class MT5(nnx.Module):

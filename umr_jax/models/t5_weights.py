@@ -39,8 +39,8 @@ from absl import logging
 from flax import nnx
 
 from umr_jax import atomic
-from umr_jax.models.bert_weights import CheckpointError
-from umr_jax.models.hf_checkpoint import download_from_hub, read_hf_weights
+from umr_jax.models.hf_checkpoint import download_from_hub, read_config_json, read_hf_weights
+from umr_jax.models.state_dict import CheckpointError, Slot, export_state_dict, load_state_dict
 from umr_jax.models.t5 import MODEL_TYPES, MT5, T5Config
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -61,7 +61,7 @@ class LoadedT5:
     description: str
 
 
-def _attention_slots(prefix: str, att: Any, cfg: T5Config) -> Iterator[tuple[str, nnx.Param, tuple[int, ...], str]]:
+def _attention_slots(prefix: str, att: Any, cfg: T5Config) -> Iterator[Slot]:
     inner, e = cfg.inner_dim, cfg.d_model
     for name in ("q", "k", "v"):
         yield f"{prefix}.{name}.weight", getattr(att, f"{name}_kernel"), (inner, e), "qkv"
@@ -71,7 +71,7 @@ def _attention_slots(prefix: str, att: Any, cfg: T5Config) -> Iterator[tuple[str
                (cfg.relative_attention_num_buckets, cfg.num_heads), "same")
 
 
-def _ffn_slots(prefix: str, ffn: Any, cfg: T5Config) -> Iterator[tuple[str, nnx.Param, tuple[int, ...], str]]:
+def _ffn_slots(prefix: str, ffn: Any, cfg: T5Config) -> Iterator[Slot]:
     e, m = cfg.d_model, cfg.d_ff
     names = ("wi_0", "wi_1") if ffn.gated else ("wi",)
     for name in names:
@@ -79,7 +79,7 @@ def _ffn_slots(prefix: str, ffn: Any, cfg: T5Config) -> Iterator[tuple[str, nnx.
     yield f"{prefix}.DenseReluDense.wo.weight", ffn.wo, (e, m), "T"
 
 
-def _slots(model: MT5) -> Iterator[tuple[str, nnx.Param, tuple[int, ...], str]]:
+def _slots(model: MT5) -> Iterator[Slot]:
     """(hf_name, our_param, hf_shape, layout) for every tensor of the model.
 
     layout says how the PyTorch tensor becomes ours: 'same', 'T' (a Linear
@@ -130,12 +130,8 @@ def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
     return x
 
 
-def _more(names: list[str]) -> str:
-    return f"{names[:5]}" + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
-
-
 def _resolve_embeddings(model: MT5, weights: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """Folds the embedding aliases and the head's tying into one canonical set of names.
+    """Folds the embedding aliases and the head's tying into one canonical set of names (minus _IGNORED).
 
     transformers ties encoder/decoder.embed_tokens (and, in version 5, lm_head
     whenever the checkpoint lacks it) to shared.weight, so a checkpoint may
@@ -143,7 +139,7 @@ def _resolve_embeddings(model: MT5, weights: Mapping[str, np.ndarray], source: s
     tensors in transformers, which our model cannot represent: an error, not a
     silent pick.
     """
-    out = dict(weights)
+    out = {k: v for k, v in weights.items() if k not in _IGNORED}
     aliases = [name for name in _ALIASES if name in out]
     if "shared.weight" not in out and aliases:
         out["shared.weight"] = out[aliases[0]]
@@ -172,31 +168,16 @@ def _resolve_embeddings(model: MT5, weights: Mapping[str, np.ndarray], source: s
 def load_hf_weights(model: MT5, weights: Mapping[str, np.ndarray], source: str) -> None:
     """Copies HF-named tensors into `model`; every tensor must be present and fit."""
     cfg = model.config
-    weights = _resolve_embeddings(model, weights, source)
-    used: set[str] = set()
-    missing: list[str] = []
-    for name, param, shape, layout in _slots(model):
-        if name not in weights:
-            missing.append(name)
-            continue
-        value = np.asarray(weights[name])
-        if tuple(value.shape) != shape:
-            raise CheckpointError(
-                f"{source}: tensor {name!r} has shape {tuple(value.shape)} but the config (d_model "
-                f"{cfg.d_model}, d_kv {cfg.d_kv}, num_heads {cfg.num_heads}, d_ff {cfg.d_ff}, vocab "
-                f"{cfg.vocab_size}, buckets {cfg.relative_attention_num_buckets}) expects {shape}")
-        param.set_value(jnp.asarray(_to_ours(value, layout, cfg), dtype=param.get_value().dtype))
-        used.add(name)
-    if missing:
-        raise CheckpointError(
-            f"{source}: missing tensors {_more(missing)}; is this a T5/mT5 checkpoint matching its config "
-            f"(feed_forward_proj {cfg.feed_forward_proj!r}, num_layers {cfg.num_layers}, num_decoder_layers "
-            f"{cfg.num_decoder_layers})?")
-    unexpected = [k for k in weights if k not in used and k not in _IGNORED]
-    if unexpected:
-        raise CheckpointError(
-            f"{source}: unexpected tensors {_more(unexpected)}; the config has num_layers {cfg.num_layers}, "
-            f"num_decoder_layers {cfg.num_decoder_layers}, feed_forward_proj {cfg.feed_forward_proj!r}")
+    load_state_dict(
+        _slots(model), _resolve_embeddings(model, weights, source), source,
+        lambda x, layout: _to_ours(x, layout, cfg),
+        config_fields=(f"d_model {cfg.d_model}, d_kv {cfg.d_kv}, num_heads {cfg.num_heads}, d_ff {cfg.d_ff}, "
+                       f"vocab {cfg.vocab_size}, buckets {cfg.relative_attention_num_buckets}"),
+        missing_hint=(f"is this a T5/mT5 checkpoint matching its config (feed_forward_proj "
+                      f"{cfg.feed_forward_proj!r}, num_layers {cfg.num_layers}, num_decoder_layers "
+                      f"{cfg.num_decoder_layers})?"),
+        unexpected_hint=(f"the config has num_layers {cfg.num_layers}, num_decoder_layers "
+                         f"{cfg.num_decoder_layers}, feed_forward_proj {cfg.feed_forward_proj!r}"))
 
 
 def export_hf_weights(model: MT5) -> dict[str, np.ndarray]:
@@ -207,10 +188,7 @@ def export_hf_weights(model: MT5) -> dict[str, np.ndarray]:
     ``shared.weight`` for the tied variant, so tools that read the file
     without transformers' tying still find the head.
     """
-    out = {}
-    for name, param, _, layout in _slots(model):
-        value = np.asarray(param.get_value(), dtype=np.float32)
-        out[name] = np.ascontiguousarray(_to_hf(value, layout))
+    out = export_state_dict(_slots(model), _to_hf)
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = out["shared.weight"].copy()
     return out
@@ -218,21 +196,7 @@ def export_hf_weights(model: MT5) -> dict[str, np.ndarray]:
 
 def read_t5_config(directory: str) -> T5Config:
     """config.json of a T5/mT5 directory; any other model_type is a clear error naming the file."""
-    path = os.path.join(directory, "config.json")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: missing; a Hugging Face model directory needs config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    model_type = raw.get("model_type")
-    if model_type not in MODEL_TYPES:
-        raise CheckpointError(
-            f"{path}: model_type {model_type!r} is not an encoder-decoder teacher architecture "
-            f"(supported: {', '.join(MODEL_TYPES)})")
+    path, raw = read_config_json(directory, MODEL_TYPES, "an encoder-decoder teacher architecture")
     try:
         return T5Config.from_hf_dict(raw)
     except (TypeError, ValueError) as e:

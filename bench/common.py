@@ -1,0 +1,70 @@
+"""What every benchmark shares: CPU device setup, timing, the matmul peak, XQuAD-R texts.
+
+Import this module before JAX: it gives JAX one CPU device per core (data
+parallelism over the cores beats one device with multi-threaded ops: each
+device then runs whole programs on its core, with no per-op synchronisation),
+the same mesh code path as a TPU slice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+
+CPU_DEVICES = int(os.environ.get("UMR_CPU_DEVICES", os.cpu_count() or 1))
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={CPU_DEVICES}").strip()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Runnable as `python bench/x.py` from a checkout without installing the package.
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DEFAULT_DATA_DIR = str(REPO.parent / "shared" / "data")
+XQUAD_R_LANGS = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Best wall time of `repeats` calls (the least disturbed by other work)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def jax_matmul_peak(mesh) -> tuple[float, float]:
+    """float32 2048^3 matmul FLOP/s: on one device, and data-parallel over the mesh."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+    n = mesh.devices.size
+    b = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    a1 = jax.device_put(jnp.ones((2048, 2048), jnp.float32), mesh.devices.flat[0])
+    f(a1, b).block_until_ready()
+    single = 2 * 2048 ** 3 / best_time(lambda: f(a1, b).block_until_ready(), 5)
+    an = jax.device_put(jnp.ones((n * 2048, 2048), jnp.float32), NamedSharding(mesh, PartitionSpec("data")))
+    bn = jax.device_put(b, NamedSharding(mesh, PartitionSpec()))
+    f(an, bn).block_until_ready()
+    parallel = 2 * n * 2048 ** 3 / best_time(lambda: f(an, bn).block_until_ready(), 5)
+    return single, parallel
+
+
+def xquad_r_paragraphs(data_dir: str | pathlib.Path) -> list[tuple[str, dict]]:
+    """(language, SQuAD-style paragraph with 'sentences' and 'qas') over all 11 languages."""
+    out = []
+    for lang in XQUAD_R_LANGS:
+        path = pathlib.Path(data_dir) / "xquad-r" / f"{lang}.json"
+        if not path.is_file():
+            sys.exit(f"{path}: missing; pass --data_dir pointing at the folder holding xquad-r/")
+        for article in json.loads(path.read_text("utf-8"))["data"]:
+            out.extend((lang, para) for para in article["paragraphs"])
+    return out

@@ -1,0 +1,69 @@
+"""Hugging Face state dicts <-> our Flax parameters: the copy-and-check loop every model family shares.
+
+Each family's weights module (:mod:`~umr_jax.models.bert_weights`,
+:mod:`~umr_jax.models.t5_weights`, :mod:`~umr_jax.models.gemma_weights`) lists
+its tensors as :data:`Slot` tuples and knows how each layout converts; this
+module walks those slots. Shapes are checked tensor by tensor so that a config
+that disagrees with its weights fails naming the tensor, never with a
+broadcasting error deep inside jit; the caller supplies the config fields and
+hints that make each error actionable for its model family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# (hf_name, our_param, hf_shape, layout): layout names how the PyTorch tensor
+# becomes ours ('same', 'T', or a family-specific head reshaping).
+Slot = tuple[str, nnx.Param, tuple[int, ...], str]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, or does not match its config."""
+
+
+def name_list(names: list[str]) -> str:
+    """The first five names, and how many more there are."""
+    return f"{names[:5]}" + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
+
+
+def load_state_dict(slots: Iterable[Slot], weights: Mapping[str, np.ndarray], source: str,
+                    to_ours: Callable[[np.ndarray, str], np.ndarray], *, config_fields: str,
+                    missing_hint: str, unexpected_hint: str) -> None:
+    """Copies HF-named tensors into the slots' parameters: every tensor present and fitting, none left over.
+
+    `weights` holds canonical names only (each family folds prefixes, aliases
+    and tensors it ignores first). Errors start with `source`; a wrong shape
+    names `config_fields` (the config values that decide the shapes), a
+    missing or unexpected tensor ends with `missing_hint` / `unexpected_hint`.
+    """
+    used: set[str] = set()
+    missing: list[str] = []
+    for name, param, shape, layout in slots:
+        if name not in weights:
+            missing.append(name)
+            continue
+        value = np.asarray(weights[name])
+        if tuple(value.shape) != shape:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(value.shape)} but the config "
+                                  f"({config_fields}) expects {shape}")
+        param.set_value(jnp.asarray(to_ours(value, layout), dtype=param.get_value().dtype))
+        used.add(name)
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {name_list(missing)}; {missing_hint}")
+    unexpected = [k for k in weights if k not in used]
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensors {name_list(unexpected)}; {unexpected_hint}")
+
+
+def export_state_dict(slots: Iterable[Slot], to_hf: Callable[[np.ndarray, str], np.ndarray]) -> dict[str, np.ndarray]:
+    """The slots' parameters as a float32, C-contiguous state dict in PyTorch layout."""
+    out = {}
+    for name, param, _, layout in slots:
+        value = np.asarray(param.get_value(), dtype=np.float32)
+        out[name] = np.ascontiguousarray(to_hf(value, layout))
+    return out

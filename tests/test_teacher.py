@@ -107,6 +107,21 @@ def test_scores_match_per_pair_pytorch_reference(kind, xlmr_tokenizer, eight_dev
     np.testing.assert_allclose(again, got, atol=1e-5, rtol=0)
 
 
+def test_packed_rows_equal_padded_buckets(xlmr_tokenizer, eight_devices):
+    torch_model = tiny_gemma(len(xlmr_tokenizer))
+    mesh = sharding.make_mesh((-1, 1), ("data", "model"))
+    packed = make_teacher("gemma3", torch_model, xlmr_tokenizer, mesh, pack_row_lengths=(64, 96))
+    padded = make_teacher("gemma3", torch_model, xlmr_tokenizer, mesh, packing=False)
+    pairs = packed.tokenize(QUERIES, PASSAGES, LANGS)
+    batches = packed.plan_packed(pairs)
+    # Rows really hold several sequences, and every target token has exactly one slot.
+    assert max(int(b.segments.max()) for b in batches) >= 2
+    slots = np.concatenate([b.flat_pairs[b.flat_pairs >= 0] for b in batches])
+    assert np.array_equal(np.bincount(slots, minlength=len(QUERIES)), [len(t) for t in pairs.targets])
+    np.testing.assert_allclose(packed.score_tokens(pairs, progress=False), padded.score_tokens(pairs, progress=False),
+                               atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["gemma3", "mt5"])
 def test_sum_reduction_and_full_vocab_path_agree(kind, xlmr_tokenizer, eight_devices):
     vocab = len(xlmr_tokenizer)

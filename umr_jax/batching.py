@@ -41,10 +41,18 @@ def batch_rows_for(bucket: int, tokens_per_batch: int, multiple_of: int) -> int:
 
 
 def _tail_sizes(full: int, multiple_of: int) -> list[int]:
-    """Full size, then halvings down to the data-axis multiple, largest first."""
+    """Full size, then halvings (rounded up to the data-axis multiple) down to it, largest first.
+
+    Rounding up keeps the ladder going past odd halves (84 -> 42 -> 22 -> 12
+    -> 6 -> 4 -> 2 on two devices) so that a small tail never pads to a
+    large batch.
+    """
     sizes = [full]
-    while sizes[-1] // 2 >= multiple_of and (sizes[-1] // 2) % multiple_of == 0:
-        sizes.append(sizes[-1] // 2)
+    while sizes[-1] > multiple_of:
+        half = max(multiple_of, -(-(sizes[-1] // 2) // multiple_of) * multiple_of)
+        if half >= sizes[-1]:
+            break
+        sizes.append(half)
     return sizes
 
 
@@ -54,7 +62,7 @@ def _next_batch_size(sizes: list[int], remaining: int) -> int:
     return fitting[-1] if fitting else sizes[0]
 
 
-def _chunks(members: Sequence[_T], length: int, tokens_per_batch: int,
+def chunk_rows(members: Sequence[_T], length: int, tokens_per_batch: int,
             multiple_of: int) -> Iterator[tuple[Sequence[_T], int]]:
     """Consecutive runs of `members` and the batch size each is padded to.
 
@@ -88,7 +96,7 @@ def plan_batches(token_ids: Sequence[Sequence[int]], buckets: Sequence[int], tok
         members = order[bucket_of == bucket]
         if not len(members):
             continue
-        for take, size in _chunks(members, bucket, tokens_per_batch, multiple_of):
+        for take, size in chunk_rows(members, bucket, tokens_per_batch, multiple_of):
             batches.append(_pad(token_ids, take, size, bucket, pad_id))
     return batches
 
@@ -162,7 +170,7 @@ def plan_packed(token_ids: Sequence[Sequence[int]], row_lengths: Sequence[int], 
     batches = []
     for row_length in sorted({size for size, _ in packed}):
         rows = [texts for size, texts in packed if size == row_length]
-        for chunk, size in _chunks(rows, row_length, tokens_per_batch, multiple_of):
+        for chunk, size in chunk_rows(rows, row_length, tokens_per_batch, multiple_of):
             batches.append(_fill_packed(token_ids, chunk, size, row_length, max_segments, pad_id))
     return batches
 
@@ -197,14 +205,17 @@ class PairGroup:
 def plan_pair_groups(input_lengths: np.ndarray, target_lengths: np.ndarray, input_buckets: Sequence[int],
                      target_buckets: Sequence[int], tokens_per_batch: int,
                      multiple_of: int = 1) -> list[PairGroup]:
-    """Batches of pairs with one padded shape per (input bucket, target bucket).
+    """Batches of pairs, each padded to one (input bucket, target bucket) shape.
 
-    The teacher's two sequences (passage prompt, query target) are bucketed
+    The teacher's two sequences (passage prompt, query target) are padded
     independently, so a long passage with a short query is not padded to the
-    longest query of the batch and vice versa. Rows per batch follow the token
-    budget of the input bucket (the body of the model dominates except for the
-    LM head, which only sees target tokens); each group's tail uses the smallest
-    halving that holds it, as in :func:`plan_batches`.
+    longest query and vice versa. Pairs are grouped by input bucket (rows per
+    batch follow that bucket's token budget: the body of the model dominates,
+    the LM head only sees target tokens), sorted by target length inside it, and
+    cut into full batches; each batch's target length is the smallest target
+    bucket that holds its longest target. Sorting keeps that bucket tight
+    without splitting an input bucket into one small group per target bucket,
+    which would pad every group's tail.
     """
     input_lengths = np.asarray(input_lengths, dtype=np.int64)
     target_lengths = np.asarray(target_lengths, dtype=np.int64)
@@ -214,19 +225,19 @@ def plan_pair_groups(input_lengths: np.ndarray, target_lengths: np.ndarray, inpu
         raise ValueError("every pair needs at least one input and one target token")
     input_buckets = sorted(int(b) for b in input_buckets)
     target_buckets = sorted(int(b) for b in target_buckets)
+    if len(target_lengths) and target_lengths.max() > target_buckets[-1]:
+        raise ValueError(f"target of {int(target_lengths.max())} tokens exceeds the largest bucket "
+                         f"{target_buckets[-1]}")
     in_bucket = np.array([bucket_for(int(n), input_buckets) for n in input_lengths], dtype=np.int64)
-    out_bucket = np.array([bucket_for(int(n), target_buckets) for n in target_lengths], dtype=np.int64)
     groups: list[PairGroup] = []
     for a in input_buckets:
-        for b in target_buckets:
-            # Longest inputs first inside a group: the order is irrelevant to
-            # the padded shape but keeps similar pairs together for reading.
-            members = np.flatnonzero((in_bucket == a) & (out_bucket == b))
-            if not len(members):
-                continue
-            members = members[np.argsort(input_lengths[members], kind="stable")]
-            for take, size in _chunks(members, a, tokens_per_batch, multiple_of):
-                rows = np.full((size,), -1, dtype=np.int64)
-                rows[:len(take)] = take
-                groups.append(PairGroup(rows=rows, input_length=a, target_length=b))
+        members = np.flatnonzero(in_bucket == a)
+        if not len(members):
+            continue
+        members = members[np.lexsort((input_lengths[members], target_lengths[members]))]
+        for take, size in chunk_rows(members, a, tokens_per_batch, multiple_of):
+            rows = np.full((size,), -1, dtype=np.int64)
+            rows[:len(take)] = take
+            b = bucket_for(int(target_lengths[take].max()), target_buckets)
+            groups.append(PairGroup(rows=rows, input_length=a, target_length=b))
     return groups

@@ -249,6 +249,24 @@ def attention_bias(mask: jax.Array, sliding_window: int | None) -> jax.Array:
     return jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)[:, None, None]
 
 
+def packed_attention_bias(segments: jax.Array, positions: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Like :func:`attention_bias` for rows holding several sequences.
+
+    `segments[b, t]` numbers the sequence token t belongs to (0 = padding) and
+    `positions` restart at 0 for each; a token sees the earlier tokens of its
+    own sequence only (within the window on sliding layers), so every
+    sequence is computed exactly as if it had a row of its own.
+    """
+    same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)
+    delta = positions[:, :, None] - positions[:, None, :]  # query position - key position
+    visible = same & (delta >= 0)
+    if sliding_window is not None:
+        visible = visible & (delta < sliding_window)
+    # Padding queries see themselves, so no softmax row is empty.
+    visible = visible | jnp.eye(segments.shape[1], dtype=bool)[None]
+    return jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)[:, None, None]
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with QK norms and rotary embeddings."""
 
@@ -348,38 +366,54 @@ class Gemma3(nnx.Module):
         # Scorers that chunk the vocabulary ask every LM for its soft-cap (0 = none).
         self.logit_softcap = float(cfg.final_logit_softcapping or 0.0)
 
-    def _rope_tables(self, length: int) -> dict[str, tuple[jax.Array, jax.Array]]:
-        """cos/sin (length, head_dim) per layer type, in the compute dtype as in HF."""
+    def _rope_tables(self, length: int, positions: jax.Array | None = None) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """cos/sin per layer type, in the compute dtype as in HF.
+
+        (length, head_dim) for positions 0..length-1, or (batch, 1, length,
+        head_dim) for explicit per-token `positions` (packed rows).
+        """
         cfg = self.config
-        positions = np.arange(length, dtype=np.float32)[:, None]
+        if positions is None:
+            positions = np.arange(length, dtype=np.float32)[:, None]
+        else:
+            positions = positions.astype(jnp.float32)[:, None, :, None]
         tables = {}
         for layer_type in set(cfg.layer_types):
             if layer_type == "full_attention":
                 inv = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor)
             else:
                 inv = rope_inverse_frequencies(cfg.head_dim, cfg.rope_local_base_freq)
-            freqs = jnp.asarray(positions) * jnp.asarray(inv)[None]
+            freqs = jnp.asarray(positions) * jnp.asarray(inv)
             angles = jnp.concatenate([freqs, freqs], axis=-1)
             tables[layer_type] = (jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype))
         return tables
 
-    def hidden_states(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def hidden_states(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True,
+                      segments: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
         """Final-norm states (batch, length, hidden) in the compute dtype: what the LM head consumes.
 
-        `deterministic` is accepted for interface parity with the other
-        models; Gemma 3 has no dropout, so it changes nothing.
+        Rows hold one right-padded sequence each (`mask`), or, with `segments`
+        and `positions` (see :func:`packed_attention_bias`), several sequences
+        packed back to back, each computed as if alone. `deterministic` is
+        accepted for interface parity with the other models; Gemma 3 has no
+        dropout, so it changes nothing.
         """
         del deterministic
         cfg = self.config
-        length = ids.shape[1]
         # HF multiplies by sqrt(hidden) cast to the weights' dtype: 25.25 rather
         # than 25.30 for hidden 640 in bfloat16. Matching it keeps bf16 runs
         # comparable to the reference.
         normalizer = jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
         x = jnp.take(self.embed[...], ids, axis=0).astype(self.dtype) * normalizer
-        rope = self._rope_tables(length)
-        biases = {t: attention_bias(mask, cfg.sliding_window if t == "sliding_attention" else None)
-                  for t in set(cfg.layer_types)}
+        rope = self._rope_tables(ids.shape[1], positions if segments is not None else None)
+        biases = {}
+        for t in set(cfg.layer_types):
+            window = cfg.sliding_window if t == "sliding_attention" else None
+            biases[t] = (attention_bias(mask, window) if segments is None
+                         else packed_attention_bias(segments, positions, window))
+        return self._layers(x, rope, biases)
+
+    def _layers(self, x: jax.Array, rope: dict, biases: dict) -> jax.Array:
         for layer in self.layers:
             cos, sin = rope[layer.layer_type]
             x = layer(x, cos, sin, biases[layer.layer_type])

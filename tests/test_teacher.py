@@ -206,3 +206,43 @@ def test_chunk_size_prefers_divisors():
     assert teacher.chunk_size(250_112, 16_384) == 15_632
     assert teacher.chunk_size(250_002, 16_384) == 14_706  # XLM-R's 2 x 3^2 x 17 x 19 x 43
     assert teacher.chunk_size(1_000_003, 4096) == 4096  # a prime: no divisor, the head is padded
+
+
+def _answer_sentence(paragraph: dict, qa: dict) -> str:
+    start = qa["answers"][0]["answer_start"]
+    for (lo, hi), sentence in zip(paragraph["sentence_breaks"], paragraph["sentences"], strict=True):
+        if lo <= start < hi:
+            return sentence
+    raise AssertionError(f"answer of {qa['id']} outside every sentence")
+
+
+@pytest.fixture(scope="module")
+def real_gemma() -> teacher.Teacher:
+    """The embedded default teacher, loaded once (~15 s) for all languages."""
+    return teacher.Teacher.from_config(teacher.default_config(), sharding.make_mesh((-1, 1), ("data", "model")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lang", ["en", "de", "ru", "zh"])
+def test_real_gemma_prefers_each_querys_own_passage(lang, real_gemma, shared_data, eight_devices):
+    """Known answer with the real 270M teacher: 5 questions x their 5 answer sentences (XQuAD-R).
+
+    The first question of the first paragraph of articles 0-4, chosen before
+    looking at any score; each must score its own answer sentence above the
+    other four questions' answer sentences.
+    """
+    import json
+
+    ours = real_gemma
+    articles = json.loads((shared_data / "xquad-r" / f"{lang}.json").read_text("utf-8"))["data"][:5]
+    questions, sentences = [], []
+    for article in articles:
+        paragraph = article["paragraphs"][0]
+        questions.append(paragraph["qas"][0]["question"])
+        sentences.append(_answer_sentence(paragraph, paragraph["qas"][0]))
+    n = len(questions)
+    scores = ours.score([q for q in questions for _ in range(n)], sentences * n, [lang] * (n * n),
+                        progress=False).reshape(n, n)
+    assert ours.cfg.reduction == "mean" and np.isfinite(scores).all()
+    assert np.array_equal(scores.argmax(1), np.arange(n)), f"{lang}: teacher scores\n{scores}"
+

@@ -28,6 +28,30 @@ def resolve_dtype(name: str | jnp.dtype) -> jnp.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
 
 
+def hardware_has_bf16() -> bool:
+    """Whether the default backend multiplies bfloat16 natively (TPU, GPU, CPUs with AMX/AVX512-BF16).
+
+    On a CPU without bf16 units, bfloat16 compute is emulated and slower
+    than float32, so "auto" dtypes pick float32 there.
+    """
+    platform = jax.default_backend()
+    if platform in ("tpu", "gpu", "cuda", "rocm"):
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_auto_dtype(name: str) -> str:
+    """'auto' -> 'bfloat16' where the hardware has bf16 units, else 'float32'; other names unchanged."""
+    if name != "auto":
+        return name
+    return "bfloat16" if hardware_has_bf16() else "float32"
+
+
 def annotated(value: jax.Array, axes: tuple[str | None, ...]) -> nnx.Param:
     """A parameter tagged with logical axes; placement is :mod:`umr_jax.sharding`'s job.
 

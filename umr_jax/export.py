@@ -18,21 +18,25 @@ from ml_collections import config_flags
 from umr_jax import sharding
 from umr_jax.retriever import Retriever, default_config
 
-_CONFIG = config_flags.DEFINE_config_dict("config", default_config(), "Retriever config (see umr_jax/retriever.py).")
-_OUT = flags.DEFINE_string("out", None, "Output directory (replaced atomically if it exists).", required=True)
-_TOWER = flags.DEFINE_enum("tower", "passage", ["query", "passage"], "Which tower to export.")
-
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cfg = _CONFIG.value
+    cfg = flags.FLAGS.config
     cfg.shared_towers = True  # both towers are the checkpoint itself: build it once
     retriever = Retriever.from_config(cfg, sharding.make_mesh((-1, 1)))
-    out = retriever.export(_OUT.value, tower=_TOWER.value)
+    out = retriever.export(flags.FLAGS.out, tower=flags.FLAGS.tower)
     logging.info("wrote %s", out)
     print(out)
 
 
+def define_flags() -> None:
+    """Flags exist only when this module is the program: importing it defines none."""
+    config_flags.DEFINE_config_dict("config", default_config(), "Retriever config (see umr_jax/retriever.py).")
+    flags.DEFINE_string("out", None, "Output directory (replaced atomically if it exists).", required=True)
+    flags.DEFINE_enum("tower", "passage", ["query", "passage"], "Which tower to export.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

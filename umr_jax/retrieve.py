@@ -73,17 +73,23 @@ def run(cfg: ml_collections.ConfigDict, corpus: str, queries_path: str, workdir:
     return rankings
 
 
-_CONFIG = config_flags.DEFINE_config_dict("config", default_config(), "retrieval settings")
-_CORPUS = flags.DEFINE_string("corpus", None, "passage corpus, DPR TSV (id, text, title)", required=True)
-_QUERIES = flags.DEFINE_string("queries", None, "queries, JSONL (id, text|question, lang)", required=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output and resume directory", required=True)
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    run(_CONFIG.value, _CORPUS.value, _QUERIES.value, _WORKDIR.value)
+    f = flags.FLAGS
+    run(f.config, f.corpus, f.queries, f.workdir)
+
+
+def define_flags() -> None:
+    """Flags exist only when this module is the program: importing it (tests, other CLIs) defines none."""
+    config_flags.DEFINE_config_dict("config", default_config(), "retrieval settings")
+    flags.DEFINE_string("corpus", None, "passage corpus, DPR TSV (id, text, title)", required=True)
+    flags.DEFINE_string("queries", None, "queries, JSONL (id, text|question, lang)", required=True)
+    flags.DEFINE_string("workdir", None, "output and resume directory", required=True)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

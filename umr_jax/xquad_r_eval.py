@@ -110,17 +110,23 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_dict("config", default_config(), "evaluation settings")
-_WORKDIR = app.flags.DEFINE_string("workdir", None, "output and resume directory", required=True)
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    table = run(_CONFIG.value, _WORKDIR.value)
-    logging.info("XQuAD-R metrics written to %s/metrics.json", _WORKDIR.value)
+    f = app.flags.FLAGS
+    table = run(f.config, f.workdir)
+    logging.info("XQuAD-R metrics written to %s/metrics.json", f.workdir)
     print(format_table(table))
 
 
+def define_flags() -> None:
+    """Flags exist only when this module is the program: importing it (tests, other CLIs) defines none."""
+    config_flags.DEFINE_config_dict("config", default_config(), "evaluation settings")
+    app.flags.DEFINE_string("workdir", None, "output and resume directory", required=True)
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -14,9 +14,9 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from umr_jax.models.bert import BertConfig, BertEncoder
+from umr_jax.models.bert import BertEncoder
 from umr_jax.models.state_dict import CheckpointError as CheckpointError  # re-exported: its historical home
-from umr_jax.models.state_dict import Slot, export_state_dict, load_state_dict
+from umr_jax.models.state_dict import Slot, export_state_dict, load_state_dict, to_hf, to_ours
 
 # Tensors that HF BERT checkpoints carry but a pooled retriever never uses.
 _IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
@@ -32,9 +32,8 @@ def _canonical_names(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
 def _slots(model: BertEncoder) -> Iterator[Slot]:
     """(hf_name, our_param, hf_shape, layout) for every tensor of the model.
 
-    layout says how the PyTorch tensor becomes ours: 'same', 'T' (a Linear
-    weight, transposed), 'qkv' ((out, in) -> (in, heads, head_dim)), 'qkv_bias'
-    ((out,) -> (heads, head_dim)) or 'attn_out' ((out, in) -> (heads, head_dim, out)).
+    layout says how the PyTorch tensor becomes ours (see
+    :func:`umr_jax.models.state_dict.to_ours`).
     """
     cfg = model.config
     h, m = cfg.hidden_size, cfg.intermediate_size
@@ -48,9 +47,9 @@ def _slots(model: BertEncoder) -> Iterator[Slot]:
         p = f"encoder.layer.{i}."
         att = layer.attention
         for ours, theirs in (("query", "query"), ("key", "key"), ("value", "value")):
-            yield p + f"attention.self.{theirs}.weight", getattr(att, f"{ours}_kernel"), (h, h), "qkv"
-            yield p + f"attention.self.{theirs}.bias", getattr(att, f"{ours}_bias"), (h,), "qkv_bias"
-        yield p + "attention.output.dense.weight", att.out_kernel, (h, h), "attn_out"
+            yield p + f"attention.self.{theirs}.weight", getattr(att, f"{ours}_kernel"), (h, h), "heads_in"
+            yield p + f"attention.self.{theirs}.bias", getattr(att, f"{ours}_bias"), (h,), "heads_bias"
+        yield p + "attention.output.dense.weight", att.out_kernel, (h, h), "heads_out"
         yield p + "attention.output.dense.bias", att.out_bias, (h,), "same"
         yield p + "attention.output.LayerNorm.weight", layer.attention_norm.scale, (h,), "same"
         yield p + "attention.output.LayerNorm.bias", layer.attention_norm.bias, (h,), "same"
@@ -62,36 +61,11 @@ def _slots(model: BertEncoder) -> Iterator[Slot]:
         yield p + "output.LayerNorm.bias", layer.ffn_norm.bias, (h,), "same"
 
 
-def _to_ours(x: np.ndarray, layout: str, cfg: BertConfig) -> np.ndarray:
-    n, d = cfg.num_attention_heads, cfg.head_dim
-    if layout == "T":
-        return x.T
-    if layout == "qkv":
-        return x.T.reshape(x.shape[1], n, d)
-    if layout == "qkv_bias":
-        return x.reshape(n, d)
-    if layout == "attn_out":
-        return x.T.reshape(n, d, x.shape[0])
-    return x
-
-
-def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "T":
-        return x.T
-    if layout == "qkv":
-        return x.reshape(x.shape[0], -1).T
-    if layout == "qkv_bias":
-        return x.reshape(-1)
-    if layout == "attn_out":
-        return x.reshape(-1, x.shape[-1]).T
-    return x
-
-
 def load_hf_weights(model: BertEncoder, weights: Mapping[str, np.ndarray], source: str) -> None:
     """Copies HF-named tensors into `model`; every tensor must be present and fit."""
     cfg = model.config
     load_state_dict(
-        _slots(model), _canonical_names(weights), source, lambda x, layout: _to_ours(x, layout, cfg),
+        _slots(model), _canonical_names(weights), source, lambda x, layout: to_ours(x, layout, cfg.head_dim),
         config_fields=f"hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}",
         missing_hint="is this a BERT checkpoint?",
         unexpected_hint=f"the config's num_hidden_layers is {cfg.num_hidden_layers}")
@@ -99,4 +73,4 @@ def load_hf_weights(model: BertEncoder, weights: Mapping[str, np.ndarray], sourc
 
 def export_hf_weights(model: BertEncoder) -> dict[str, np.ndarray]:
     """Our parameters as a float32 ``BertModel`` state dict (PyTorch layout)."""
-    return export_state_dict(_slots(model), _to_hf)
+    return export_state_dict(_slots(model), to_hf)

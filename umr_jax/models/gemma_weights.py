@@ -50,7 +50,15 @@ from flax import nnx
 from umr_jax import atomic
 from umr_jax.models.gemma import MODEL_TYPES, Gemma3, Gemma3Config, default_layer_types
 from umr_jax.models.hf_checkpoint import download_from_hub, read_config_json, read_hf_weights
-from umr_jax.models.state_dict import CheckpointError, Slot, export_state_dict, load_state_dict, name_list
+from umr_jax.models.state_dict import (
+    CheckpointError,
+    Slot,
+    export_state_dict,
+    load_state_dict,
+    name_list,
+    to_hf,
+    to_ours,
+)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _CHECKPOINT_FLAG = "--config.teacher.checkpoint"
@@ -133,27 +141,6 @@ def _slots(model: Gemma3) -> Iterator[Slot]:
         yield "lm_head.weight", model.lm_head, (cfg.vocab_size, h), "same"
 
 
-def _to_ours(x: np.ndarray, layout: str, cfg: Gemma3Config) -> np.ndarray:
-    d = cfg.head_dim
-    if layout == "T":
-        return x.T
-    if layout == "heads_in":
-        return x.T.reshape(x.shape[1], x.shape[0] // d, d)
-    if layout == "heads_out":
-        return x.T.reshape(x.shape[1] // d, d, x.shape[0])
-    return x
-
-
-def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "T":
-        return x.T
-    if layout == "heads_in":
-        return x.reshape(x.shape[0], -1).T
-    if layout == "heads_out":
-        return x.reshape(-1, x.shape[-1]).T
-    return x
-
-
 def canonical_names(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``Gemma3ForCausalLM`` names from causal-LM, text-model or multimodal checkpoints.
 
@@ -190,7 +177,7 @@ def load_hf_weights(model: Gemma3, weights: Mapping[str, np.ndarray], source: st
                 "true) but the checkpoint has a different 'lm_head.weight'; set tie_word_embeddings to false "
                 "if the head is separate")
     load_state_dict(
-        _slots(model), weights, source, lambda x, layout: _to_ours(x, layout, cfg),
+        _slots(model), weights, source, lambda x, layout: to_ours(x, layout, cfg.head_dim),
         config_fields=(f"hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, heads "
                        f"{cfg.num_attention_heads}, kv heads {cfg.num_key_value_heads}, head_dim {cfg.head_dim}, "
                        f"vocab {cfg.vocab_size}"),
@@ -206,7 +193,7 @@ def export_hf_weights(model: Gemma3) -> dict[str, np.ndarray]:
     ``lm_head.weight`` is always present, a copy of the embedding when tied,
     as in ``Gemma3ForCausalLM.state_dict()``.
     """
-    out = export_state_dict(_slots(model), _to_hf)
+    out = export_state_dict(_slots(model), to_hf)
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"].copy()
     return out

@@ -31,6 +31,38 @@ def name_list(names: list[str]) -> str:
     return f"{names[:5]}" + (f" (and {len(names) - 5} more)" if len(names) > 5 else "")
 
 
+def to_ours(x: np.ndarray, layout: str, head_dim: int) -> np.ndarray:
+    """A PyTorch-layout tensor in our layout.
+
+    'same'; 'T' (a Linear weight, transposed); 'heads_in' ((heads*head_dim,
+    in) -> (in, heads, head_dim): q/k/v projections); 'heads_bias' ((heads*
+    head_dim,) -> (heads, head_dim)); 'heads_out' ((out, heads*head_dim) ->
+    (heads, head_dim, out): attention output projections).
+    """
+    if layout == "T":
+        return x.T
+    if layout == "heads_in":
+        return x.T.reshape(x.shape[1], x.shape[0] // head_dim, head_dim)
+    if layout == "heads_bias":
+        return x.reshape(-1, head_dim)
+    if layout == "heads_out":
+        return x.T.reshape(x.shape[1] // head_dim, head_dim, x.shape[0])
+    return x
+
+
+def to_hf(x: np.ndarray, layout: str) -> np.ndarray:
+    """The inverse of :func:`to_ours`."""
+    if layout == "T":
+        return x.T
+    if layout == "heads_in":
+        return x.reshape(x.shape[0], -1).T
+    if layout == "heads_bias":
+        return x.reshape(-1)
+    if layout == "heads_out":
+        return x.reshape(-1, x.shape[-1]).T
+    return x
+
+
 def load_state_dict(slots: Iterable[Slot], weights: Mapping[str, np.ndarray], source: str,
                     to_ours: Callable[[np.ndarray, str], np.ndarray], *, config_fields: str,
                     missing_hint: str, unexpected_hint: str) -> None:

@@ -40,7 +40,7 @@ from flax import nnx
 
 from umr_jax import atomic
 from umr_jax.models.hf_checkpoint import download_from_hub, read_config_json, read_hf_weights
-from umr_jax.models.state_dict import CheckpointError, Slot, export_state_dict, load_state_dict
+from umr_jax.models.state_dict import CheckpointError, Slot, export_state_dict, load_state_dict, to_hf, to_ours
 from umr_jax.models.t5 import MODEL_TYPES, MT5, T5Config
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -64,8 +64,8 @@ class LoadedT5:
 def _attention_slots(prefix: str, att: Any, cfg: T5Config) -> Iterator[Slot]:
     inner, e = cfg.inner_dim, cfg.d_model
     for name in ("q", "k", "v"):
-        yield f"{prefix}.{name}.weight", getattr(att, f"{name}_kernel"), (inner, e), "qkv"
-    yield f"{prefix}.o.weight", att.o_kernel, (e, inner), "attn_out"
+        yield f"{prefix}.{name}.weight", getattr(att, f"{name}_kernel"), (inner, e), "heads_in"
+    yield f"{prefix}.o.weight", att.o_kernel, (e, inner), "heads_out"
     if att.relative_bias is not None:
         yield (f"{prefix}.relative_attention_bias.weight", att.relative_bias,
                (cfg.relative_attention_num_buckets, cfg.num_heads), "same")
@@ -82,9 +82,8 @@ def _ffn_slots(prefix: str, ffn: Any, cfg: T5Config) -> Iterator[Slot]:
 def _slots(model: MT5) -> Iterator[Slot]:
     """(hf_name, our_param, hf_shape, layout) for every tensor of the model.
 
-    layout says how the PyTorch tensor becomes ours: 'same', 'T' (a Linear
-    weight, transposed), 'qkv' ((heads * d_kv, d_model) -> (d_model, heads,
-    d_kv)) or 'attn_out' ((d_model, heads * d_kv) -> (heads, d_kv, d_model)).
+    layout says how the PyTorch tensor becomes ours (see
+    :func:`umr_jax.models.state_dict.to_ours`).
     """
     cfg = model.config
     e = cfg.d_model
@@ -107,27 +106,6 @@ def _slots(model: MT5) -> Iterator[Slot]:
     yield "decoder.final_layer_norm.weight", model.decoder.final_norm.scale, (e,), "same"
     if model.lm_head is not None:
         yield "lm_head.weight", model.lm_head, (cfg.vocab_size, e), "T"
-
-
-def _to_ours(x: np.ndarray, layout: str, cfg: T5Config) -> np.ndarray:
-    n, d = cfg.num_heads, cfg.d_kv
-    if layout == "T":
-        return x.T
-    if layout == "qkv":
-        return x.T.reshape(x.shape[1], n, d)
-    if layout == "attn_out":
-        return x.T.reshape(n, d, x.shape[0])
-    return x
-
-
-def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
-    if layout == "T":
-        return x.T
-    if layout == "qkv":
-        return x.reshape(x.shape[0], -1).T
-    if layout == "attn_out":
-        return x.reshape(-1, x.shape[-1]).T
-    return x
 
 
 def _resolve_embeddings(model: MT5, weights: Mapping[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
@@ -170,7 +148,7 @@ def load_hf_weights(model: MT5, weights: Mapping[str, np.ndarray], source: str) 
     cfg = model.config
     load_state_dict(
         _slots(model), _resolve_embeddings(model, weights, source), source,
-        lambda x, layout: _to_ours(x, layout, cfg),
+        lambda x, layout: to_ours(x, layout, cfg.d_kv),
         config_fields=(f"d_model {cfg.d_model}, d_kv {cfg.d_kv}, num_heads {cfg.num_heads}, d_ff {cfg.d_ff}, "
                        f"vocab {cfg.vocab_size}, buckets {cfg.relative_attention_num_buckets}"),
         missing_hint=(f"is this a T5/mT5 checkpoint matching its config (feed_forward_proj "
@@ -188,7 +166,7 @@ def export_hf_weights(model: MT5) -> dict[str, np.ndarray]:
     ``shared.weight`` for the tied variant, so tools that read the file
     without transformers' tying still find the head.
     """
-    out = export_state_dict(_slots(model), _to_hf)
+    out = export_state_dict(_slots(model), to_hf)
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = out["shared.weight"].copy()
     return out

@@ -88,6 +88,15 @@ def sample_pairs(data_dir: str, n: int, seed: int) -> Pairs:
 # ----------------------------------------------------------------------------- PyTorch scorers
 
 
+def _per_pair_means(picked, rows, targets, out) -> None:
+    """`picked` holds the target log-probs of `rows`, pair after pair: their means go to out[row]."""
+    offset = 0
+    for i in rows:
+        n = len(targets[i])
+        out[i] = float(picked[offset:offset + n].mean())
+        offset += n
+
+
 def torch_decoder_scores(model, pairs, order, batch_size: int, pad_id: int, full_logits: bool,
                          autocast: bool = False):
     """Mean target log-prob per pair with a transformers causal LM (right padding)."""
@@ -116,11 +125,7 @@ def torch_decoder_scores(model, pairs, order, batch_size: int, pad_id: int, full
                 hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
                 logits = model.lm_head(hidden[rr, cc]).float()
                 picked = torch.log_softmax(logits, -1)[torch.arange(len(labels)), labels]
-            offset = 0
-            for i in rows:
-                n = len(pairs.targets[i])
-                out[i] = float(picked[offset:offset + n].mean())
-                offset += n
+            _per_pair_means(picked, rows, pairs.targets, out)
     return out
 
 
@@ -154,11 +159,7 @@ def torch_seq2seq_scores(model, pairs, order, batch_size: int, pad_id: int, star
                                        encoder_attention_mask=mask).last_hidden_state
                 logits = model.lm_head(hidden[valid]).float()
                 picked = torch.log_softmax(logits, -1)[torch.arange(int(valid.sum())), labels[valid]]
-            offset = 0
-            for i in rows:
-                n = len(pairs.targets[i])
-                out[i] = float(picked[offset:offset + n].mean())
-                offset += n
+            _per_pair_means(picked, rows, pairs.targets, out)
     return out
 
 

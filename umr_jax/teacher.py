@@ -453,50 +453,35 @@ class Teacher:
     def score_tokens(self, pairs: TokenizedPairs, *, progress: bool = True, desc: str = "teacher") -> np.ndarray:
         totals = np.zeros((len(pairs.inputs),), np.float64)
         counts = np.zeros((len(pairs.inputs),), np.float64)
+        bar = tqdm(total=len(pairs.inputs), desc=desc, unit="pair", disable=not progress, smoothing=0.1)
         if self.packed:
-            return self._score_packed(pairs, progress=progress, desc=desc)
-        fn = self.score_fn()
-        _, state = nnx.split(self.model)
+            fn = self.packed_score_fn()
+            batches = ((batch, (batch.ids, batch.segments, batch.positions, batch.flat_rows, batch.flat_positions,
+                                batch.flat_labels)) for batch in self.plan_packed(pairs))
+
+            def collect(batch: PackedPairBatch, result) -> None:
+                logp = np.asarray(result, np.float64)
+                real = batch.flat_pairs >= 0
+                np.add.at(totals, batch.flat_pairs[real], logp[real])
+                np.add.at(counts, batch.flat_pairs[real], 1.0)
+                bar.update(len(np.unique(batch.flat_pairs[real])))
+        else:
+            fn = self.score_fn()
+            batches = ((group.rows, self._arrays(pairs, group)) for group in self.plan(pairs))
+
+            def collect(rows: np.ndarray, result) -> None:
+                total, count = (np.asarray(x) for x in result)
+                keep = rows >= 0
+                totals[rows[keep]] = total[keep]
+                counts[rows[keep]] = count[keep]
+                bar.update(int(keep.sum()))
+
+        _, state = nnx.split(self.model)  # current weights
         start = time.perf_counter()
-        bar = tqdm(total=len(pairs.inputs), desc=desc, unit="pair", disable=not progress, smoothing=0.1)
         try:
             pending = []
-            for group in self.plan(pairs):
-                arrays = sharding.shard_batch(self._arrays(pairs, group), self.mesh, self.rules)
-                pending.append((group.rows, fn(state, *arrays)))
-                if len(pending) > 2:  # keep the device busy while the host builds the next batch
-                    self._collect(*pending.pop(0), totals, counts, bar)
-            for item in pending:
-                self._collect(*item, totals, counts, bar)
-        finally:
-            bar.close()
-        elapsed = time.perf_counter() - start
-        logging.info("teacher: scored %d pairs in %.1fs (%.1f pairs/s)", len(totals), elapsed,
-                     len(totals) / max(elapsed, 1e-9))
-        scores = totals / counts if self.cfg.reduction == "mean" else totals
-        return scores.astype(np.float32)
-
-    def _score_packed(self, pairs: TokenizedPairs, *, progress: bool, desc: str) -> np.ndarray:
-        totals = np.zeros((len(pairs.inputs),), np.float64)
-        counts = np.zeros((len(pairs.inputs),), np.float64)
-        fn = self.packed_score_fn()
-        _, state = nnx.split(self.model)
-        start = time.perf_counter()
-        bar = tqdm(total=len(pairs.inputs), desc=desc, unit="pair", disable=not progress, smoothing=0.1)
-
-        def collect(batch: PackedPairBatch, result) -> None:
-            logp = np.asarray(result, np.float64)
-            real = batch.flat_pairs >= 0
-            np.add.at(totals, batch.flat_pairs[real], logp[real])
-            np.add.at(counts, batch.flat_pairs[real], 1.0)
-            bar.update(len(np.unique(batch.flat_pairs[real])))
-
-        try:
-            pending = []
-            for batch in self.plan_packed(pairs):
-                arrays = (batch.ids, batch.segments, batch.positions, batch.flat_rows, batch.flat_positions,
-                          batch.flat_labels)
-                pending.append((batch, fn(state, *sharding.shard_batch(arrays, self.mesh, self.rules))))
+            for key, arrays in batches:
+                pending.append((key, fn(state, *sharding.shard_batch(arrays, self.mesh, self.rules))))
                 if len(pending) > 2:  # keep the device busy while the host builds the next batch
                     collect(*pending.pop(0))
             for item in pending:
@@ -504,18 +489,10 @@ class Teacher:
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
-        logging.info("teacher: scored %d pairs in %.1fs (%.1f pairs/s, packed)", len(totals), elapsed,
-                     len(totals) / max(elapsed, 1e-9))
+        logging.info("teacher: scored %d pairs in %.1fs (%.1f pairs/s%s)", len(totals), elapsed,
+                     len(totals) / max(elapsed, 1e-9), ", packed" if self.packed else "")
         scores = totals / counts if self.cfg.reduction == "mean" else totals
         return scores.astype(np.float32)
-
-    @staticmethod
-    def _collect(rows: np.ndarray, result, totals: np.ndarray, counts: np.ndarray, bar) -> None:
-        total, count = (np.asarray(x) for x in result)
-        keep = rows >= 0
-        totals[rows[keep]] = total[keep]
-        counts[rows[keep]] = count[keep]
-        bar.update(int(keep.sum()))
 
 
 def chunk_size(vocab: int, target: int) -> int:

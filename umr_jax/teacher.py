@@ -174,7 +174,7 @@ class Teacher:
         self.kind = "encoder_decoder" if cfg.model == "mt5" else "decoder"
         self.param_shardings = sharding.shard_module(model, mesh, rules)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._score_fn = None
+        self._score_fns: dict[bool, Any] = {}  # jitted program per batch kind (packed or not)
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict, mesh: Mesh, rules=sharding.DEFAULT_RULES,
@@ -393,28 +393,16 @@ class Teacher:
 
     # ------------------------------------------------------------------ compute
 
-    def packed_score_fn(self):
-        """The jitted (params, packed batch) -> per-slot target log-prob (devices, slots) program."""
-        if self._score_fn is None:
-            graphdef, state = nnx.split(self.model)
-            param_sharding = sharding.state_shardings(state, self.mesh, self.rules)
-            rows2 = sharding.batch_sharding(self.mesh, 2, self.rules)
-            chunk = int(self.cfg.vocab_chunk) if self.mesh.shape["model"] == 1 else 0
-
-            def score(state, ids, segments, positions, flat_rows, flat_positions, flat_labels):
-                model = nnx.merge(graphdef, state)
-                hidden = model.hidden_states(ids, None, segments=segments, positions=positions)
-                # (devices, rows per device, length, hidden): each device gathers its own rows' targets.
-                hidden = hidden.reshape(flat_rows.shape[0], -1, *hidden.shape[1:])
-                picked = jax.vmap(lambda h, r, p: h[r, p])(hidden, flat_rows, flat_positions)
-                return target_log_probs(model, picked, flat_labels, chunk)
-
-            self._score_fn = jax.jit(score, in_shardings=(param_sharding,) + (rows2,) * 6, out_shardings=rows2)
-        return self._score_fn
-
     def score_fn(self):
-        """The jitted (params, batch arrays) -> (sum of target log-probs, target count) program."""
-        if self._score_fn is None:
+        """The jitted scoring program for this teacher's batches, built once per batch kind.
+
+        Packed (decoder-only): (params, ids, segments, positions, flat_rows,
+        flat_positions, flat_labels) -> target log-prob per flat slot, shape
+        (devices, slots). Buckets: (params, batch arrays) -> (sum of target
+        log-probs, target count) per row.
+        """
+        packed = self.packed
+        if packed not in self._score_fns:
             graphdef, state = nnx.split(self.model)
             param_sharding = sharding.state_shardings(state, self.mesh, self.rules)
             rows2 = sharding.batch_sharding(self.mesh, 2, self.rules)
@@ -422,9 +410,16 @@ class Teacher:
             # A vocabulary split over `model` is reduced by GSPMD across
             # devices; scanning over its chunks would gather it instead.
             chunk = int(self.cfg.vocab_chunk) if self.mesh.shape["model"] == 1 else 0
-            num_arrays = 6 if self.kind == "encoder_decoder" else 5
 
-            def score(state, *arrays):
+            def score_packed(state, ids, segments, positions, flat_rows, flat_positions, flat_labels):
+                model = nnx.merge(graphdef, state)
+                hidden = model.hidden_states(ids, None, segments=segments, positions=positions)
+                # (devices, rows per device, length, hidden): each device gathers its own rows' targets.
+                hidden = hidden.reshape(flat_rows.shape[0], -1, *hidden.shape[1:])
+                picked = jax.vmap(lambda h, r, p: h[r, p])(hidden, flat_rows, flat_positions)
+                return target_log_probs(model, picked, flat_labels, chunk)
+
+            def score_buckets(state, *arrays):
                 model = nnx.merge(graphdef, state)
                 if self.kind == "encoder_decoder":
                     ids, mask, decoder_ids, decoder_mask, labels, label_mask = arrays
@@ -438,9 +433,14 @@ class Teacher:
                 weights = label_mask.astype(jnp.float32)
                 return (logp * weights).sum(-1), weights.sum(-1)
 
-            self._score_fn = jax.jit(score, in_shardings=(param_sharding,) + (rows2,) * num_arrays,
-                                     out_shardings=(rows1, rows1))
-        return self._score_fn
+            if packed:
+                fn = jax.jit(score_packed, in_shardings=(param_sharding,) + (rows2,) * 6, out_shardings=rows2)
+            else:
+                num_arrays = 6 if self.kind == "encoder_decoder" else 5
+                fn = jax.jit(score_buckets, in_shardings=(param_sharding,) + (rows2,) * num_arrays,
+                             out_shardings=(rows1, rows1))
+            self._score_fns[packed] = fn
+        return self._score_fns[packed]
 
     def score(self, queries: Sequence[str], passages: Sequence[Any], languages: Sequence[str], *,
               progress: bool = True, desc: str = "teacher") -> np.ndarray:
@@ -454,8 +454,8 @@ class Teacher:
         totals = np.zeros((len(pairs.inputs),), np.float64)
         counts = np.zeros((len(pairs.inputs),), np.float64)
         bar = tqdm(total=len(pairs.inputs), desc=desc, unit="pair", disable=not progress, smoothing=0.1)
+        fn = self.score_fn()
         if self.packed:
-            fn = self.packed_score_fn()
             batches = ((batch, (batch.ids, batch.segments, batch.positions, batch.flat_rows, batch.flat_positions,
                                 batch.flat_labels)) for batch in self.plan_packed(pairs))
 
@@ -466,7 +466,6 @@ class Teacher:
                 np.add.at(counts, batch.flat_pairs[real], 1.0)
                 bar.update(len(np.unique(batch.flat_pairs[real])))
         else:
-            fn = self.score_fn()
             batches = ((group.rows, self._arrays(pairs, group)) for group in self.plan(pairs))
 
             def collect(rows: np.ndarray, result) -> None:

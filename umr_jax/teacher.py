@@ -339,7 +339,7 @@ class Teacher:
 
     def plan_packed(self, pairs: TokenizedPairs) -> list[PackedPairBatch]:
         """Packed rows (best-fit, longest first) cut into batches of one shape per row length."""
-        lengths = np.array([len(x) + len(y) for x, y in zip(pairs.inputs, pairs.targets, strict=True)], np.int64)
+        lengths, _ = self._lengths(pairs)  # prompt + target: one sequence each
         row_lengths = sorted({int(r) for r in self.cfg.pack_row_lengths})
         if len(lengths) and lengths.max() > row_lengths[-1]:
             row_lengths.append(-(-int(lengths.max()) // 64) * 64)

@@ -150,6 +150,11 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(data_axis, *([None] * (ndim - 1))))
 
 
+def stacked_batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """(micro-batch, batch, ...) arrays: the second dimension over the data axis."""
+    return NamedSharding(mesh, PartitionSpec(None, dict(rules).get("batch", "data")))
+
+
 def data_parallel_size(mesh: Mesh, rules=DEFAULT_RULES) -> int:
     """How many ways a batch is split: batch sizes must be multiples of this."""
     data_axis = dict(rules).get("batch", "data")

@@ -1,0 +1,361 @@
+"""Step 4 of a UMR round: distil the teacher's scores into the two retriever towers.
+
+Per step, B queries each bring n passages sampled (shuffled) from their
+teacher-scored top-k. The teacher distribution of query i is
+log_softmax(temperature x score) over its own n passages; the student scores
+query i against all B x n passages of the batch (in-batch negatives), and
+other queries' passages get teacher logit -1000 (probability ~0). The loss is
+KL(teacher || student), averaged over the batch (DESIGN.md section 2).
+
+Everything a resumed run needs is a function of the step number: the batch of
+step s is fixed by (seed, s) and the dropout key is fold_in(seed, s). An Orbax
+checkpoint therefore holds only parameters, optimizer state and the step, and
+a run killed mid-training ends exactly where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from umr_jax import sharding
+from umr_jax.batching import bucket_for
+
+TEACHER_MASK_LOGIT = -1000.0  # the official code's value for other queries' passages
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Training section of a run config; defaults = the official UMR hyperparameters."""
+    cfg = ml_collections.ConfigDict()
+    cfg.queries_per_batch = 16  # B (global batch, all devices)
+    cfg.passages_per_query = 16  # n, sampled without replacement from each query's top-k
+    cfg.temperature = 10.0  # multiplies the teacher scores before log_softmax (official)
+    # Multiplies the student's dot products. 1 for mContriever (unnormalised
+    # embeddings); an L2-normalised retriever such as e5 needs its training
+    # temperature's inverse (e5: 1 / 0.01 = 100), else cosines in [-1, 1] give
+    # a near-uniform student distribution.
+    cfg.student_scale = 1.0
+    cfg.epochs = 10.0  # passes over the training queries (fractions allowed)
+    cfg.learning_rate = 2e-5
+    cfg.adam_eps = 1e-8
+    cfg.weight_decay = 0.0
+    cfg.warmup_steps = 1237  # linear warmup, then linear decay to 0 (capped at the total steps)
+    cfg.max_grad_norm = 2.0
+    # Micro-batches per step: a global batch that does not fit is split into
+    # this many parts whose gradients are averaged. In-batch negatives are then
+    # those of each micro-batch.
+    cfg.accumulation_steps = 1
+    # Padded lengths (one compiled program per (query, passage) bucket pair).
+    cfg.query_buckets = (32, 64)
+    cfg.passage_buckets = (64, 128, 256)
+    cfg.checkpoint_every = 200  # steps between Orbax checkpoints (and at the end)
+    cfg.checkpoints_to_keep = 2
+    cfg.log_every = 10  # steps between TensorBoard / log lines
+    return cfg
+
+
+def validate_config(cfg: ml_collections.ConfigDict, k: int) -> None:
+    if cfg.passages_per_query > k:
+        raise ValueError(f"train.passages_per_query={cfg.passages_per_query} exceeds k={k} retrieved passages")
+    if cfg.queries_per_batch % cfg.accumulation_steps:
+        raise ValueError(f"train.queries_per_batch={cfg.queries_per_batch} is not divisible by "
+                         f"train.accumulation_steps={cfg.accumulation_steps}")
+    for key in ("queries_per_batch", "passages_per_query", "accumulation_steps", "checkpoint_every", "log_every"):
+        if int(cfg[key]) < 1:
+            raise ValueError(f"train.{key}={cfg[key]} must be >= 1")
+    if cfg.epochs <= 0 or cfg.learning_rate <= 0:
+        raise ValueError(f"train.epochs={cfg.epochs} and train.learning_rate={cfg.learning_rate} must be > 0")
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def distill_loss(query_emb: jax.Array, passage_emb: jax.Array, teacher_scores: jax.Array,
+                 temperature: float, student_scale: float = 1.0) -> jax.Array:
+    """KL(teacher || student), batch mean.
+
+    query_emb (B, d); passage_emb (B * n, d), query i's passages at rows
+    i * n .. i * n + n - 1; teacher_scores (B, n).
+    """
+    b, n = teacher_scores.shape
+    student = jnp.einsum("qd,pd->qp", query_emb.astype(jnp.float32), passage_emb.astype(jnp.float32))
+    student = jax.nn.log_softmax(student * student_scale, axis=-1)
+    own = (jnp.arange(b * n) // n)[None, :] == jnp.arange(b)[:, None]
+    teacher = jnp.where(own, jnp.tile(teacher_scores.astype(jnp.float32), (1, b)) * temperature,
+                        TEACHER_MASK_LOGIT)
+    teacher = jax.nn.log_softmax(teacher, axis=-1)
+    kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+    return kl.mean()
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
+                                                                             optax.Schedule]:
+    """AdamW with linear warmup and linear decay to zero, after global-norm clipping."""
+    warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
+    schedule = optax.join_schedules([
+        optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
+        optax.linear_schedule(cfg.learning_rate, 0.0, max(total_steps - warmup, 1)),
+    ], [warmup]) if warmup else optax.linear_schedule(cfg.learning_rate, 0.0, max(total_steps, 1))
+    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+                     optax.adamw(schedule, eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
+    return tx, schedule
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSet:
+    """Teacher-scored retrievals: query i's candidates are passage_ids[i], scored scores[i]."""
+
+    query_tokens: list[list[int]]
+    passage_tokens: list[list[int]]  # unique passages, indexed by `candidates`
+    candidates: np.ndarray  # (queries, k) indices into passage_tokens
+    scores: np.ndarray  # (queries, k) teacher scores
+
+    def __post_init__(self) -> None:
+        if self.candidates.shape != self.scores.shape or len(self.candidates) != len(self.query_tokens):
+            raise ValueError(f"{len(self.query_tokens)} queries, candidates {self.candidates.shape}, "
+                             f"scores {self.scores.shape}")
+        if not np.all(np.isfinite(self.scores)):
+            raise ValueError("teacher scores contain NaN or Inf")
+
+
+def steps_for(num_queries: int, cfg: ml_collections.ConfigDict) -> int:
+    return max(1, math.ceil(cfg.epochs * num_queries / cfg.queries_per_batch))
+
+
+def step_selection(num_queries: int, k: int, step: int, cfg: ml_collections.ConfigDict,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which queries and which of their k candidates step `step` trains on.
+
+    Queries come from a stream of per-epoch permutations, so every query is
+    used once per epoch and no remainder is dropped (the last batch of an
+    epoch continues into the next permutation). A pure function of
+    (seed, step): resuming needs no iterator state.
+    """
+    b, n = int(cfg.queries_per_batch), int(cfg.passages_per_query)
+    start = step * b
+    positions = np.arange(start, start + b)
+    epochs = positions // num_queries
+    queries = np.empty(b, np.int64)
+    for epoch in np.unique(epochs):
+        order = np.random.default_rng([seed, 1, int(epoch)]).permutation(num_queries)
+        queries[epochs == epoch] = order[positions[epochs == epoch] % num_queries]
+    rng = np.random.default_rng([seed, 2, step])
+    picks = np.stack([rng.permutation(k)[:n] for _ in range(b)])
+    return queries, picks
+
+
+def _pad(tokens: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    longest = max(len(t) for t in tokens)
+    length = bucket_for(longest, sorted(int(x) for x in buckets)) if longest <= max(buckets) else longest
+    ids = np.full((len(tokens), length), pad_id, np.int32)
+    mask = np.zeros((len(tokens), length), np.int32)
+    for i, t in enumerate(tokens):
+        ids[i, :len(t)] = t
+        mask[i, :len(t)] = 1
+    return ids, mask
+
+
+def make_batch(data: TrainingSet, step: int, cfg: ml_collections.ConfigDict, seed: int,
+               pad_id: int) -> dict[str, np.ndarray]:
+    """Host arrays of one step, shaped (accumulation, micro-batch, ...)."""
+    queries, picks = step_selection(len(data.query_tokens), data.candidates.shape[1], step, cfg, seed)
+    passages = data.candidates[queries[:, None], picks]  # (B, n)
+    q_ids, q_mask = _pad([data.query_tokens[q] for q in queries], cfg.query_buckets, pad_id)
+    p_ids, p_mask = _pad([data.passage_tokens[p] for p in passages.reshape(-1)], cfg.passage_buckets, pad_id)
+    a = int(cfg.accumulation_steps)
+    b, n = passages.shape
+    return {"query_ids": q_ids.reshape(a, b // a, -1), "query_mask": q_mask.reshape(a, b // a, -1),
+            "passage_ids": p_ids.reshape(a, b // a * n, -1), "passage_mask": p_mask.reshape(a, b // a * n, -1),
+            "scores": data.scores[queries[:, None], picks].astype(np.float32).reshape(a, b // a, n)}
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+class NumericFault(FloatingPointError):
+    pass
+
+
+def with_dropout_keys(rest: nnx.State, key: jax.Array) -> nnx.State:
+    """The model's RNG streams with fresh keys derived from `key` (one per stream).
+
+    A functional reseed: the new state is an argument of the differentiated
+    function, so the dropout layers may advance their counters inside it.
+    """
+    leaves, treedef = jax.tree.flatten(rest, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    leaves = [v.replace(jax.random.fold_in(key, i)) if isinstance(v, nnx.RngKey) else v.replace(v.get_value())
+              for i, v in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+class Trainer:
+    """The jitted train step of a dual encoder on a mesh, and the loop with Orbax checkpoints."""
+
+    def __init__(self, model: nnx.Module, cfg: ml_collections.ConfigDict, mesh, total_steps: int, seed: int,
+                 rules=sharding.DEFAULT_RULES):
+        self.model, self.cfg, self.mesh, self.rules = model, cfg, mesh, rules
+        self.total_steps, self.seed = total_steps, seed
+        micro = int(cfg.queries_per_batch) // int(cfg.accumulation_steps)
+        if micro % sharding.data_parallel_size(mesh, rules):
+            raise ValueError(f"train.queries_per_batch / train.accumulation_steps = {micro} queries per "
+                             f"micro-batch cannot be split over the {sharding.data_parallel_size(mesh, rules)} "
+                             "data-parallel devices; make it a multiple")
+        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.tx, self.schedule = make_optimizer(cfg, total_steps)
+        self.param_shardings = sharding.state_shardings(self.params, mesh, rules)
+        self.opt_state = self.tx.init(self.params)
+        # Adam moments follow their parameters' shardings; scalars (step
+        # counts) are replicated over the mesh.
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.opt_shardings = jax.tree.map(
+            lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, self.opt_state)
+        self.opt_state = jax.device_put(self.opt_state, self.opt_shardings)
+        self.batch_sharding = sharding.stacked_batch_sharding(mesh, rules)
+        self._step_fn = self._build_step()
+
+    def _build_step(self) -> Callable:
+        graphdef, rest, cfg, tx = self.graphdef, self.rest, self.cfg, self.tx
+        base_key = jax.random.key(self.seed)
+        temperature, scale = float(cfg.temperature), float(cfg.student_scale)
+
+        def micro_loss(model, micro):
+            q = model.query(micro["query_ids"], micro["query_mask"], deterministic=False)
+            p = model.passage(micro["passage_ids"], micro["passage_mask"], deterministic=False)
+            return distill_loss(q, p, micro["scores"], temperature, scale)
+
+        grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, nnx.Param))
+
+        def step(params, opt_state, batch, step_index):
+            key = jax.random.fold_in(base_key, step_index)
+
+            def accumulate(carry, micro_and_index):
+                micro, i = micro_and_index
+                # Built inside this trace, with this micro-batch's dropout keys.
+                model = nnx.merge(graphdef, params, with_dropout_keys(rest, jax.random.fold_in(key, i)), copy=True)
+                loss, grads = grad_fn(model, micro)
+                total_loss, total_grads = carry
+                return (total_loss + loss, jax.tree.map(jnp.add, total_grads, grads)), None
+
+            count = batch["scores"].shape[0]
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                            (batch, jnp.arange(count)))
+            loss, grads = loss / count, jax.tree.map(lambda g: g / count, grads)
+            grad_norm = optax.global_norm(grads)
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+            return new_params, new_opt_state, {"loss": loss, "grad_norm": grad_norm}
+
+        batch_shardings = {k: self.batch_sharding for k in ("query_ids", "query_mask", "passage_ids", "passage_mask",
+                                                   "scores")}
+        return jax.jit(step, in_shardings=(self.param_shardings, self.opt_shardings, batch_shardings, None),
+                       out_shardings=(self.param_shardings, self.opt_shardings, None), donate_argnums=(0, 1))
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
+
+    def step(self, batch: dict[str, np.ndarray], step_index: int) -> dict[str, float]:
+        self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, self.put_batch(batch),
+                                                             np.int32(step_index))
+        return {k: float(v) for k, v in metrics.items()}
+
+    def sync_model(self) -> None:
+        """Writes the trained parameters back into the model object."""
+        nnx.update(self.model, self.params)
+
+    # ------------------------------------------------------------- checkpoints
+
+    def _checkpoint_items(self) -> dict:
+        return {"params": self.params.to_pure_dict(), "opt_state": self.opt_state}
+
+    def save(self, manager: ocp.CheckpointManager, step: int) -> None:
+        manager.save(step, args=ocp.args.StandardSave(self._checkpoint_items()), force=True)
+        manager.wait_until_finished()
+
+    def restore(self, manager: ocp.CheckpointManager, step: int) -> None:
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._checkpoint_items())
+        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        nnx.replace_by_pure_dict(self.params, restored["params"])
+        self.params = jax.device_put(self.params, self.param_shardings)
+        self.opt_state = jax.device_put(restored["opt_state"], self.opt_shardings)
+
+
+def checkpoint_manager(directory: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=int(cfg.checkpoints_to_keep), create=True,
+                                           enable_async_checkpointing=False)
+    return ocp.CheckpointManager(directory, options=options)
+
+
+def train(model: nnx.Module, data: TrainingSet, cfg: ml_collections.ConfigDict, mesh, checkpoint_dir: str, *,
+          seed: int, pad_id: int, log_scalars: Callable[[str, float, int], None] | None = None,
+          desc: str = "train", stop_at: int | None = None) -> dict[str, float]:
+    """Trains `model` in place to the configured number of steps, resuming from the last checkpoint.
+
+    `stop_at` ends the loop early after checkpointing that step (a planned
+    interruption; tests use it). Returns summary numbers (steps, first/last
+    loss, seconds). A NaN or
+    Inf loss or gradient stops the run with NumericFault before anything is
+    saved, so the last checkpoint stays the last good state.
+    """
+    total = steps_for(len(data.query_tokens), cfg)
+    trainer = Trainer(model, cfg, mesh, total, seed)
+    manager = checkpoint_manager(checkpoint_dir, cfg)
+    start_step = 0
+    latest = manager.latest_step()
+    if latest is not None:
+        trainer.restore(manager, latest)
+        start_step = latest
+        logging.info("%s: resumed from the checkpoint at step %d of %d", checkpoint_dir, latest, total)
+    began = time.perf_counter()
+    losses: list[float] = []
+    with tqdm(total=total, initial=start_step, desc=desc, unit="step", dynamic_ncols=True) as bar:
+        for s in range(start_step, total if stop_at is None else min(stop_at, total)):
+            metrics = trainer.step(make_batch(data, s, cfg, seed, pad_id), s)
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                raise NumericFault(f"step {s}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
+                                   f"stopped, the last good checkpoint in {checkpoint_dir} is step "
+                                   f"{manager.latest_step()}")
+            losses.append(metrics["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if log_scalars and (s % cfg.log_every == 0 or s == total - 1):
+                log_scalars("train/loss", metrics["loss"], s)
+                log_scalars("train/grad_norm", metrics["grad_norm"], s)
+                log_scalars("train/learning_rate", float(trainer.schedule(s)), s)
+            if (s + 1) % cfg.checkpoint_every == 0 or s + 1 in (total, stop_at):
+                trainer.save(manager, s + 1)
+    manager.close()
+    trainer.sync_model()
+    elapsed = time.perf_counter() - began
+    return {"steps": total, "resumed_at": start_step, "seconds": elapsed,
+            "first_loss": losses[0] if losses else float("nan"), "last_loss": losses[-1] if losses else float("nan")}
+
+
+def restore_final(model: nnx.Module, cfg: ml_collections.ConfigDict, mesh, checkpoint_dir: str, num_queries: int,
+                  seed: int) -> None:
+    """Loads a finished training stage's final parameters into `model`."""
+    total = steps_for(num_queries, cfg)
+    manager = checkpoint_manager(checkpoint_dir, cfg)
+    if manager.latest_step() != total:
+        raise FileNotFoundError(f"{checkpoint_dir}: expected the final checkpoint at step {total}, "
+                                f"found {manager.latest_step()}")
+    trainer = Trainer(model, cfg, mesh, total, seed)
+    trainer.restore(manager, total)
+    manager.close()
+    trainer.sync_model()

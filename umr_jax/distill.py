@@ -54,6 +54,11 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.weight_decay = 0.0
     cfg.warmup_steps = 1237  # linear warmup, then linear decay to 0 (capped at the total steps)
     cfg.max_grad_norm = 2.0
+    # Parameter names (path parts) to keep fixed, e.g. ('word',) for the word
+    # embeddings: 250k-row tables are most of a multilingual encoder's
+    # parameters, and on a CPU their dense gradients and Adam updates cost more
+    # than the rest of a small step. () = train everything (the paper).
+    cfg.freeze = ()
     # Micro-batches per step: a global batch that does not fit is split into
     # this many parts whose gradients are averaged. In-batch negatives are then
     # those of each micro-batch.
@@ -216,7 +221,12 @@ class Trainer:
             raise ValueError(f"train.queries_per_batch / train.accumulation_steps = {micro} queries per "
                              f"micro-batch cannot be split over the {sharding.data_parallel_size(mesh, rules)} "
                              "data-parallel devices; make it a multiple")
-        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        frozen = (nnx.All(nnx.Param, nnx.Any(*[nnx.PathContains(k) for k in cfg.freeze])) if cfg.freeze
+                  else nnx.Nothing)
+        self.trainable = nnx.All(nnx.Param, nnx.Not(frozen))
+        self.graphdef, self.params, self.frozen, self.rest = nnx.split(model, self.trainable, frozen, ...)
+        if cfg.freeze and not jax.tree.leaves(self.frozen):
+            raise ValueError(f"train.freeze={tuple(cfg.freeze)} matches no parameter")
         self.tx, self.schedule = make_optimizer(cfg, total_steps)
         self.param_shardings = sharding.state_shardings(self.params, mesh, rules)
         self.opt_state = self.tx.init(self.params)
@@ -239,15 +249,16 @@ class Trainer:
             p = model.passage(micro["passage_ids"], micro["passage_mask"], deterministic=False)
             return distill_loss(q, p, micro["scores"], temperature, scale)
 
-        grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, nnx.Param))
+        grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, self.trainable))
 
-        def step(params, opt_state, batch, step_index):
+        def step(params, opt_state, frozen, batch, step_index):
             key = jax.random.fold_in(base_key, step_index)
 
             def accumulate(carry, micro_and_index):
                 micro, i = micro_and_index
                 # Built inside this trace, with this micro-batch's dropout keys.
-                model = nnx.merge(graphdef, params, with_dropout_keys(rest, jax.random.fold_in(key, i)), copy=True)
+                model = nnx.merge(graphdef, params, frozen, with_dropout_keys(rest, jax.random.fold_in(key, i)),
+                                  copy=True)
                 loss, grads = grad_fn(model, micro)
                 total_loss, total_grads = carry
                 return (total_loss + loss, jax.tree.map(jnp.add, total_grads, grads)), None
@@ -264,15 +275,17 @@ class Trainer:
 
         batch_shardings = {k: self.batch_sharding for k in ("query_ids", "query_mask", "passage_ids", "passage_mask",
                                                    "scores")}
-        return jax.jit(step, in_shardings=(self.param_shardings, self.opt_shardings, batch_shardings, None),
+        frozen_shardings = sharding.state_shardings(self.frozen, self.mesh, self.rules)
+        return jax.jit(step, in_shardings=(self.param_shardings, self.opt_shardings, frozen_shardings,
+                                           batch_shardings, None),
                        out_shardings=(self.param_shardings, self.opt_shardings, None), donate_argnums=(0, 1))
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
 
     def step(self, batch: dict[str, np.ndarray], step_index: int) -> dict[str, float]:
-        self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, self.put_batch(batch),
-                                                             np.int32(step_index))
+        self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, self.frozen,
+                                                             self.put_batch(batch), np.int32(step_index))
         return {k: float(v) for k, v in metrics.items()}
 
     def sync_model(self) -> None:

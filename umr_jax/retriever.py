@@ -25,7 +25,14 @@ from umr_jax import sharding
 from umr_jax.batching import plan_batches, plan_packed
 from umr_jax.models.bert import BertConfig, BertEncoder, DualEncoder
 from umr_jax.models.bert_weights import load_hf_weights
-from umr_jax.models.hf_checkpoint import LoadedCheckpoint, export_hf, load_checkpoint, load_tokenizer
+from umr_jax.models.hf_checkpoint import (
+    LoadedCheckpoint,
+    default_e5_tokenizer_file,
+    export_hf,
+    load_checkpoint,
+    load_tokenizer,
+    write_sentence_transformers_files,
+)
 
 TOWERS = ("query", "passage")
 
@@ -55,7 +62,20 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.pack_max_segments = 32  # texts per packed row, at most
     cfg.length_buckets = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
     cfg.tokens_per_batch = 4096  # rows x length per batch
+    # checkpoint='random': a randomly initialised encoder of this shape (tests,
+    # configs/tiny.py) with the tokenizer above ('' = multilingual-e5's).
+    cfg.random = ml_collections.ConfigDict(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                intermediate_size=64, max_position_embeddings=512))
     return cfg
+
+
+def random_dual_encoder(cfg: ml_collections.ConfigDict, seed: int) -> tuple[DualEncoder, Any]:
+    """Random towers of the configured shape; both start from the same initialisation, like a checkpoint."""
+    tokenizer = load_tokenizer(cfg.tokenizer or default_e5_tokenizer_file())
+    config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id or 0, **cfg.random)
+    query = build_encoder(config, cfg, seed)
+    passage = None if cfg.shared_towers else build_encoder(config, cfg, seed)
+    return DualEncoder(query, passage), tokenizer
 
 
 def build_encoder(config: BertConfig, cfg: ml_collections.ConfigDict, seed: int,
@@ -91,6 +111,10 @@ class Retriever:
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict, mesh: Mesh, rules=sharding.DEFAULT_RULES,
                     seed: int = 0) -> Retriever:
+        if cfg.checkpoint == "random":
+            model, tokenizer = random_dual_encoder(cfg, seed)
+            logging.info("retriever: random %s", dict(cfg.random))
+            return cls(model, tokenizer, cfg, mesh, rules)
         ckpt = load_checkpoint(cfg.checkpoint, cfg.tokenizer)
         tokenizer = load_tokenizer(ckpt.tokenizer_source)
         if len(tokenizer) > ckpt.config.vocab_size:
@@ -208,7 +232,13 @@ class Retriever:
         bar.update(int(keep.sum()))
 
     def export(self, out_dir: str, tower: str = "passage") -> str:
-        """One tower as a Hugging Face directory (config, safetensors, tokenizer)."""
+        """One tower as a Hugging Face directory (config, safetensors, tokenizer) that
+        sentence-transformers also loads (pooling, normalisation, the tower's prefix as default prompt)."""
         extra = {"tower": tower, "query_prefix": self.cfg.query_prefix,
                  "passage_prefix": self.cfg.passage_prefix}
-        return export_hf(self.tower(tower), self.tokenizer, out_dir, extra)
+        prompts = {"query": self.cfg.query_prefix, "passage": self.cfg.passage_prefix}
+
+        def sentence_transformers_files(directory: str) -> None:
+            write_sentence_transformers_files(directory, self.tower(tower), prompts, tower, self.max_length(tower))
+
+        return export_hf(self.tower(tower), self.tokenizer, out_dir, extra, sentence_transformers_files)

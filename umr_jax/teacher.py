@@ -95,6 +95,11 @@ def default_config() -> ml_collections.ConfigDict:
     # (2,048 in float32; bench/score.py); accelerators want 16k and more.
     cfg.tokens_per_batch = 4096
     cfg.vocab_chunk = 16384  # LM-head columns per log-sum-exp step; 0 = whole vocabulary at once
+    # checkpoint='random': a randomly initialised Gemma 3 of this shape (tests,
+    # configs/tiny.py) with the tokenizer above ('' = the packaged GGUF's).
+    cfg.random = ml_collections.ConfigDict(dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                                sliding_window=64))
     return cfg
 
 
@@ -181,7 +186,18 @@ class Teacher:
                     seed: int = 0) -> Teacher:
         validate_config(cfg)
         start = time.perf_counter()
-        if cfg.model == "mt5":
+        if cfg.checkpoint == "random":
+            from umr_jax.models import gemma_weights
+            from umr_jax.models.gemma import Gemma3Config
+
+            if cfg.model != "gemma3":
+                raise ValueError("teacher.checkpoint='random' builds a Gemma 3; set teacher.model='gemma3'")
+            tokenizer = gemma_weights.load_tokenizer(cfg.tokenizer or gemma_weights.default_gguf_path())
+            config = Gemma3Config(vocab_size=len(tokenizer), **cfg.random)
+            model = gemma_weights.build_gemma(config, param_dtype=resolve_auto_dtype(cfg.param_dtype),
+                                              dtype=resolve_auto_dtype(cfg.dtype), seed=seed)
+            description = f"random Gemma 3 {dict(cfg.random)}"
+        elif cfg.model == "mt5":
             from umr_jax.models.hf_checkpoint import load_tokenizer
             from umr_jax.models.t5_weights import build_mt5, load_hf_weights, load_t5_checkpoint
 

@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, logging
 from ml_collections import config_flags
 
-from umr_jax import atomic, encode, evaluate, index, retriever, run_files, sharding
+from umr_jax import atomic, encode, evaluate, index, report, retriever, run_files, sharding
 from umr_jax.data.readers import Passage
 from umr_jax.data.xquad_r import XquadR, XquadRQuestion, load_xquad_r
 
@@ -103,22 +103,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, flo
     return table
 
 
-def format_table(table: dict[str, dict[str, float]]) -> str:
-    names = list(next(iter(table.values())))
-    lines = ["lang  " + " ".join(f"{n:>12}" for n in names)]
-    lines += [f"{lang:<5} " + " ".join(f"{row[n]:12.4f}" for n in names) for lang, row in table.items()]
-    return "\n".join(lines)
-
-
-
-
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = app.flags.FLAGS
     table = run(f.config, f.workdir)
     logging.info("XQuAD-R metrics written to %s/metrics.json", f.workdir)
-    print(format_table(table))
+    print(report.format_table(table))
 
 
 def define_flags() -> None:

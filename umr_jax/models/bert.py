@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from umr_jax.models.layers import annotated, random_param, resolve_dtype
+from umr_jax.models.layers import annotated, mixed_dot, random_param, resolve_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +143,8 @@ class SelfAttention(nnx.Module):
         # Straight into (batch, heads, length, head_dim): the attention
         # matmuls below then batch over leading dimensions, which XLA runs
         # without transposes (about 3x faster on CPU than a (b, t, h, d) layout).
-        kernel = getattr(self, f"{name}_kernel")[...].astype(self.dtype)
         bias = getattr(self, f"{name}_bias")[...].astype(self.dtype)
-        return jnp.einsum("bte,ehd->bhtd", x, kernel) + bias[None, :, None, :]
+        return mixed_dot("bte,ehd->bhtd", x, getattr(self, f"{name}_kernel")[...], self.dtype) + bias[None, :, None, :]
 
     def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool) -> jax.Array:
         q = self._project(x, "query") * jnp.asarray(self.scale, self.dtype)
@@ -154,8 +153,8 @@ class SelfAttention(nnx.Module):
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-        out = jnp.einsum("bhqd,hde->bqe", ctx, self.out_kernel[...].astype(self.dtype))
+        ctx = mixed_dot("bhqk,bhkd->bhqd", probs, v, self.dtype)
+        out = mixed_dot("bhqd,hde->bqe", ctx, self.out_kernel[...], self.dtype)
         out = out + self.out_bias[...].astype(self.dtype)
         return self.out_dropout(out, deterministic=deterministic)
 
@@ -172,9 +171,9 @@ class FeedForward(nnx.Module):
         self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        hidden = x @ self.wi[...].astype(self.dtype) + self.bi[...].astype(self.dtype)
+        hidden = mixed_dot("bte,em->btm", x, self.wi[...], self.dtype) + self.bi[...].astype(self.dtype)
         hidden = self.activation(hidden)
-        out = hidden @ self.wo[...].astype(self.dtype) + self.bo[...].astype(self.dtype)
+        out = mixed_dot("btm,me->bte", hidden, self.wo[...], self.dtype) + self.bo[...].astype(self.dtype)
         return self.dropout(out, deterministic=deterministic)
 
 

@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from umr_jax.models.layers import RMSNorm, random_param, resolve_dtype
+from umr_jax.models.layers import RMSNorm, mixed_dot, random_param, resolve_dtype
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 MODEL_TYPES = ("gemma3_text", "gemma3")
@@ -267,16 +267,6 @@ def packed_attention_bias(segments: jax.Array, positions: jax.Array, sliding_win
     return jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)[:, None, None]
 
 
-def _dot(equation: str, x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Einsum in `dtype` with float32 accumulation, cast back to `dtype`.
-
-    Asking for a float32 result is what sends bfloat16 matmuls to the CPU's
-    bf16 units (AMX/AVX512-BF16 through oneDNN: ~2x the float32 rate here, vs
-    no gain with a bfloat16 result) and is what TPUs do natively anyway.
-    """
-    return jnp.einsum(equation, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-
-
 class Attention(nnx.Module):
     """Grouped-query self-attention with QK norms and rotary embeddings."""
 
@@ -298,9 +288,9 @@ class Attention(nnx.Module):
         dt = self.dtype
         # (batch, heads, length, head_dim): the attention einsums then batch
         # over leading dimensions without transposes.
-        q = _dot("bte,ehd->bhtd", x, self.q_kernel[...], dt)
-        k = _dot("bte,ehd->bhtd", x, self.k_kernel[...], dt)
-        v = _dot("bte,ehd->bhtd", x, self.v_kernel[...], dt)
+        q = mixed_dot("bte,ehd->bhtd", x, self.q_kernel[...], dt)
+        k = mixed_dot("bte,ehd->bhtd", x, self.k_kernel[...], dt)
+        v = mixed_dot("bte,ehd->bhtd", x, self.v_kernel[...], dt)
         q = self.q_norm(q)
         k = self.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
@@ -310,8 +300,8 @@ class Attention(nnx.Module):
         q = q.reshape(b, self.num_kv_heads, self.groups, t, d)
         logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * self.scale
         probs = jax.nn.softmax(logits + bias, axis=-1).astype(dt)
-        ctx = _dot("bkgqs,bksd->bkgqd", probs, v, dt).reshape(b, n, t, d)
-        return _dot("bhqd,hde->bqe", ctx, self.o_kernel[...], dt)
+        ctx = mixed_dot("bkgqs,bksd->bkgqd", probs, v, dt).reshape(b, n, t, d)
+        return mixed_dot("bhqd,hde->bqe", ctx, self.o_kernel[...], dt)
 
 
 class FeedForward(nnx.Module):
@@ -328,8 +318,8 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        hidden = self.activation(_dot("bte,em->btm", x, self.gate[...], dt)) * _dot("bte,em->btm", x, self.up[...], dt)
-        return _dot("btm,me->bte", hidden, self.down[...], dt)
+        hidden = self.activation(mixed_dot("bte,em->btm", x, self.gate[...], dt)) * mixed_dot("bte,em->btm", x, self.up[...], dt)
+        return mixed_dot("btm,me->bte", hidden, self.down[...], dt)
 
 
 class DecoderLayer(nnx.Module):

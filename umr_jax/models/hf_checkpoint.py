@@ -23,7 +23,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -215,9 +215,46 @@ def load_tokenizer(source: str) -> Any:
         raise CheckpointError(f"{source}: cannot load a tokenizer ({e})") from None
 
 
+def write_sentence_transformers_files(directory: str, encoder: BertEncoder, prompts: dict[str, str],
+                                      default_prompt: str, max_length: int) -> None:
+    """The module files with which sentence-transformers loads the directory as this tower.
+
+    Transformer -> Pooling (mean or CLS) -> Normalize (if the tower normalises);
+    the tower's input prefix becomes the default prompt, so
+    ``SentenceTransformer(dir).encode(texts)`` gives our embeddings.
+    """
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if encoder.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        os.makedirs(os.path.join(directory, "2_Normalize"), exist_ok=True)
+    os.makedirs(os.path.join(directory, "1_Pooling"), exist_ok=True)
+    files = {
+        "modules.json": modules,
+        "sentence_bert_config.json": {"max_seq_length": max_length, "do_lower_case": False},
+        "1_Pooling/config.json": {
+            "word_embedding_dimension": encoder.config.hidden_size,
+            "pooling_mode_cls_token": encoder.pooling == "cls", "pooling_mode_mean_tokens": encoder.pooling == "mean",
+            "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+            "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True},
+        "config_sentence_transformers.json": {
+            "prompts": {k: v for k, v in prompts.items() if v},
+            "default_prompt_name": default_prompt if prompts.get(default_prompt) else None,
+            "similarity_fn_name": "cosine" if encoder.normalize else "dot"},
+    }
+    for name, content in files.items():
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2)
+
+
 def export_hf(encoder: BertEncoder, tokenizer: Any, out_dir: str,
-              extra: dict[str, Any] | None = None) -> str:
-    """Writes config.json, model.safetensors and tokenizer files, atomically."""
+              extra: dict[str, Any] | None = None,
+              write_extra: Callable[[str], None] | None = None) -> str:
+    """Writes config.json, model.safetensors and tokenizer files, atomically.
+
+    `write_extra(tmp)` adds more files (e.g. sentence-transformers modules)
+    before the directory is swapped in.
+    """
     from safetensors.numpy import save_file
 
     def write(tmp: str) -> None:
@@ -233,7 +270,12 @@ def export_hf(encoder: BertEncoder, tokenizer: Any, out_dir: str,
         usage = {"pooling": encoder.pooling, "normalize": encoder.normalize, **(extra or {})}
         with open(os.path.join(tmp, "umr_jax.json"), "w", encoding="utf-8") as f:
             json.dump(usage, f, indent=2, sort_keys=True)
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o644)
+        if write_extra is not None:
+            write_extra(tmp)
+        for root, dirs, names in os.walk(tmp):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o755)
+            for name in names:
+                os.chmod(os.path.join(root, name), 0o644)
 
     return atomic.replace_dir(out_dir, write)

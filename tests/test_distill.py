@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import TINY
 from umr_jax import distill, sharding
 from umr_jax.models.bert import BertConfig, BertEncoder, DualEncoder
-
-from helpers import TINY
 
 
 def reference_loss(q: np.ndarray, p: np.ndarray, scores: np.ndarray, temperature: float, scale: float) -> float:
@@ -186,6 +185,6 @@ def test_a_nan_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     distill.train(tiny_dual_encoder(), data, cfg, mesh, str(tmp_path), seed=0, pad_id=0, stop_at=2)
     poisoned = distill.TrainingSet(data.query_tokens, data.passage_tokens, data.candidates, data.scores)
     poisoned.scores[:] = np.inf  # bypasses the constructor's check, as corrupted memory would
-    with pytest.raises(distill.NumericFault, match="step 2"):
+    with pytest.raises(distill.NumericFaultError, match="step 2"):
         distill.train(tiny_dual_encoder(), poisoned, cfg, mesh, str(tmp_path), seed=0, pad_id=0)
     assert distill.checkpoint_manager(str(tmp_path), cfg).latest_step() == 2

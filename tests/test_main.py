@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from umr_jax import distill, main, retriever, sharding
-from umr_jax.workdir import ConfigMismatch
+from umr_jax.workdir import ConfigMismatchError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = [f"round-{r}/{s}" for r in range(3) for s in ("encode", "index", "retrieve", "evaluate")] + \
@@ -74,7 +74,7 @@ def test_rerunning_a_finished_run_redoes_nothing(tiny_run):
     assert tables[2] == json.loads((tiny_run / "round-2" / "metrics.json").read_text())
 
 
-class Interrupt(Exception):
+class InterruptedRunError(Exception):
     pass
 
 
@@ -86,11 +86,11 @@ def test_a_run_interrupted_mid_training_resumes_to_the_same_result(tiny_run, tmp
     def step_then_die(self, batch, step_index):
         calls["n"] += 1
         if calls["n"] == 7:  # round 2, step 3 of 4: after the checkpoint at step 2
-            raise Interrupt
+            raise InterruptedRunError
         return original(self, batch, step_index)
 
     monkeypatch.setattr(distill.Trainer, "step", step_then_die)
-    with pytest.raises(Interrupt):
+    with pytest.raises(InterruptedRunError):
         main.run(tiny_config(), str(workdir))
     stages = _manifest(workdir)["stages"]
     assert "round-2/teacher" in stages and "round-2/train" not in stages
@@ -152,7 +152,7 @@ def test_a_workdir_refuses_another_config(tmp_path):
     with pytest.raises(ValueError):
         main.Run(cfg, str(tmp_path))
     other = tiny_config()
-    with pytest.raises(ConfigMismatch, match="data.num_passages: 1 -> 96"):
+    with pytest.raises(ConfigMismatchError, match=r"data\.num_passages: 1 -> 96"):
         main.Run(other, str(tmp_path))
 
 

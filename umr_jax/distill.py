@@ -193,7 +193,7 @@ def make_batch(data: TrainingSet, step: int, cfg: ml_collections.ConfigDict, see
 # ----------------------------------------------------------------------------- the step
 
 
-class NumericFault(FloatingPointError):
+class NumericFaultError(FloatingPointError):
     pass
 
 
@@ -323,7 +323,7 @@ def train(model: nnx.Module, data: TrainingSet, cfg: ml_collections.ConfigDict, 
     `stop_at` ends the loop early after checkpointing that step (a planned
     interruption; tests use it). Returns summary numbers (steps, first/last
     loss, seconds). A NaN or
-    Inf loss or gradient stops the run with NumericFault before anything is
+    Inf loss or gradient stops the run with NumericFaultError before anything is
     saved, so the last checkpoint stays the last good state.
     """
     total = steps_for(len(data.query_tokens), cfg)
@@ -341,7 +341,7 @@ def train(model: nnx.Module, data: TrainingSet, cfg: ml_collections.ConfigDict, 
         for s in range(start_step, total if stop_at is None else min(stop_at, total)):
             metrics = trainer.step(make_batch(data, s, cfg, seed, pad_id), s)
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                raise NumericFault(f"step {s}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
+                raise NumericFaultError(f"step {s}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
                                    f"stopped, the last good checkpoint in {checkpoint_dir} is step "
                                    f"{manager.latest_step()}")
             losses.append(metrics["loss"])

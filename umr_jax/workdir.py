@@ -24,7 +24,7 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 
 
-class ConfigMismatch(ValueError):
+class ConfigMismatchError(ValueError):
     pass
 
 
@@ -67,7 +67,7 @@ class RunDir:
         changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
         if changed:
             details = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])
-            raise ConfigMismatch(f"{path}: this workdir was run with another config ({details}); resume with "
+            raise ConfigMismatchError(f"{path}: this workdir was run with another config ({details}); resume with "
                                  "the same config or use a new --workdir")
 
     def sub(self, *parts: str) -> str:

@@ -318,7 +318,8 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = self.dtype
-        hidden = self.activation(mixed_dot("bte,em->btm", x, self.gate[...], dt)) * mixed_dot("bte,em->btm", x, self.up[...], dt)
+        gate = self.activation(mixed_dot("bte,em->btm", x, self.gate[...], dt))
+        hidden = gate * mixed_dot("bte,em->btm", x, self.up[...], dt)
         return mixed_dot("btm,me->bte", hidden, self.down[...], dt)
 
 

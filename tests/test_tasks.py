@@ -54,3 +54,29 @@ def test_synthetic_task_has_known_answers():
         rankings.append(run_files.Ranking(q.id, q.lang, [p.id for p in ranked], [0.0] * len(ids)))
     assert task.evaluate(rankings)["avg"]["recall@10"] == pytest.approx(1.0)
     assert task.lookup(["p3"])["p3"].title == "doc 3"
+
+
+def test_xor_retrieve_task_scores_rankings_over_a_tsv_corpus(shared_data, tmp_path):
+    from umr_jax.data.xor_tydi import load_xor_tydi
+
+    cfg = tasks.default_config()
+    cfg.local_dir = str(shared_data / "xor-tydi")
+    cfg.max_train_queries, cfg.max_dev_queries = 10, 4
+    with pytest.raises(ValueError, match=r"data\.corpus"):
+        tasks.build_task("xor_retrieve", cfg)
+    cfg.corpus = str(tmp_path / "corpus.tsv")
+    (tmp_path / "corpus.tsv").write_text("id\ttext\ttitle\np0\tnothing relevant here\tA\n")
+    probe = tasks.build_task("xor_retrieve", cfg)
+    assert len(probe.train_queries) == 10 and len(probe.dev_queries) == 4
+    answers = {q.id: q.answers for q in load_xor_tydi("retrieve", "dev", local_dir=cfg.local_dir)}
+    spans = {q.id: [a for a in answers[q.id] if a not in ("yes", "no")] for q in probe.dev_queries}
+    hit = next(q for q in probe.dev_queries if spans[q.id])
+    (tmp_path / "corpus.tsv").write_text("id\ttext\ttitle\np0\tnothing relevant here\tA\n"
+                                         f"p1\tthe answer is {spans[hit.id][0]} indeed\tB\n")
+    task = tasks.build_task("xor_retrieve", cfg)
+    rankings = [run_files.Ranking(q.id, q.lang, ["p1", "p0"], [1.0, 0.0]) if q.id == hit.id
+                else run_files.Ranking(q.id, q.lang, ["p0"], [0.0]) for q in task.dev_queries]
+    table = task.evaluate(rankings)
+    same_language = [q for q in task.dev_queries if spans[q.id] and q.lang == hit.lang]
+    assert table[hit.lang]["R@2kt"] == pytest.approx(100.0 / len(same_language))
+    assert all(row["R@5kt"] == 0 for lang, row in table.items() if lang not in (hit.lang, "avg"))

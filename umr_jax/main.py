@@ -84,6 +84,10 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.teacher_chunk = 4096  # pairs per resumable chunk of teacher scores
     cfg.train = distill.default_config()
     cfg.export = True  # write export/{query,passage} at the end
+    # XLA programs are cached here across rounds and runs (each round's train
+    # step and teacher would otherwise compile again; ~40 s each on a CPU).
+    # '' = no cache; $JAX_COMPILATION_CACHE_DIR takes precedence.
+    cfg.compilation_cache_dir = "~/.cache/umr_jax/xla"
     return cfg
 
 
@@ -125,6 +129,8 @@ class Run:
     def __init__(self, cfg: ml_collections.ConfigDict, workdir: str):
         validate(cfg)
         self.cfg = cfg
+        if cfg.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache_dir))
         self.dir = RunDir(workdir, cfg, writable=jax.process_index() == 0)
         self.mesh = sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model"))
         self.task = tasks.build_task(cfg.task, cfg.data, int(cfg.seed))

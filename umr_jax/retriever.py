@@ -239,6 +239,8 @@ class Retriever:
         prompts = {"query": self.cfg.query_prefix, "passage": self.cfg.passage_prefix}
 
         def sentence_transformers_files(directory: str) -> None:
-            write_sentence_transformers_files(directory, self.tower(tower), prompts, tower, self.max_length(tower))
+            max_len = self.cfg.max_query_length if tower == "query" else self.cfg.max_passage_length
+            max_len = min(int(max_len), self.tower(tower).config.max_position_embeddings)
+            write_sentence_transformers_files(directory, self.tower(tower), prompts, tower, max_len)
 
         return export_hf(self.tower(tower), self.tokenizer, out_dir, extra, sentence_transformers_files)

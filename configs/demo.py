@@ -12,7 +12,7 @@ searched by every question, as in LAReQA). Sized from measured throughputs
 cores): 96 training queries x k = 16 = 1,536 teacher pairs and 24 steps per
 round, 2 rounds.
 
-Expected (measured on a 2-core Xeon with AMX-BF16, 15 min 22 s in all; the
+Expected (measured on a 2-core Xeon with AMX-BF16, 14 min 21 s in all; the
 README has every stage's time): dev mAP@20 0.310 -> 0.365 -> 0.391 and
 Recall@100 0.713 -> 0.790 -> 0.831 (initial, after round 1, after round 2,
 macro average over the 5 languages).

@@ -162,3 +162,17 @@ def test_unknown_override_keys_are_rejected(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "learning_rat" in done.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_teacher_score_chunks_are_checked_before_reuse(tmp_path):
+    good = tmp_path / "good.npy"
+    np.save(good, np.array([-1.0, -2.0, -0.5], np.float32))
+    np.testing.assert_array_equal(main.read_scores(str(good), 3), [-1.0, -2.0, -0.5])
+    assert main.read_scores(str(good), 4) is None  # not the chunk's size
+    truncated = tmp_path / "truncated.npy"
+    truncated.write_bytes(good.read_bytes()[:-5])
+    assert main.read_scores(str(truncated), 3) is None
+    nan = tmp_path / "nan.npy"
+    np.save(nan, np.array([-1.0, np.nan, -0.5], np.float32))
+    assert main.read_scores(str(nan), 3) is None
+    assert main.read_scores(str(tmp_path / "missing.npy"), 3) is None

@@ -108,6 +108,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     sharding.resolve_mesh_shape(tuple(cfg.mesh_shape), jax.device_count())
 
 
+def read_scores(path: str, count: int) -> np.ndarray | None:
+    """A committed chunk of teacher scores, or None if it is missing, unreadable, short or not finite."""
+    try:
+        scores = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        if os.path.exists(path):
+            logging.warning("rescoring %s: unreadable (%s)", path, e)
+        return None
+    if scores.shape != (count,) or scores.dtype != np.float32 or not np.all(np.isfinite(scores)):
+        logging.warning("rescoring %s: shape %s dtype %s, expected (%d,) finite float32", path, scores.shape,
+                        scores.dtype, count)
+        return None
+    return scores
+
+
 def check_model_source(flag: str, spec: str, builtin: Sequence[str]) -> None:
     """A local path must exist; hub ids ('org/name') are resolved (or refused offline) when loaded."""
     if spec in builtin or any(spec.startswith(f"{b}:") for b in builtin):
@@ -227,8 +242,12 @@ class Run:
         queries = {q.id: q for q in self.task.train_queries}
         chunk = int(self.cfg.teacher_chunk)
         directory = self.round_dir(r, "teacher")
-        todo = [c for c in range(math.ceil(len(pairs) / chunk))
-                if not os.path.exists(os.path.join(directory, f"chunk-{c:06d}.npy"))]
+        num_chunks = math.ceil(len(pairs) / chunk)
+
+        def path(c: int) -> str:
+            return os.path.join(directory, f"chunk-{c:06d}.npy")
+
+        todo = [c for c in range(num_chunks) if read_scores(path(c), len(pairs[c * chunk:(c + 1) * chunk])) is None]
         if todo:
             model = teacher.Teacher.from_config(self.cfg.teacher, self.mesh, seed=int(self.cfg.seed))
             for c in todo:
@@ -236,15 +255,13 @@ class Run:
                 query_of = [queries[rankings[q].query_id] for q, _ in part]
                 scores = model.score([q.text for q in query_of], [(texts[p].title, texts[p].text) for _, p in part],
                                      [q.lang for q in query_of],
-                                     desc=f"round {r}: teacher chunk {c + 1}/{math.ceil(len(pairs) / chunk)}")
-                atomic.save_npy(os.path.join(directory, f"chunk-{c:06d}.npy"), scores)
+                                     desc=f"round {r}: teacher chunk {c + 1}/{num_chunks}")
+                if not np.all(np.isfinite(scores)):
+                    raise FloatingPointError(f"round {r}: the teacher gave NaN/Inf scores in chunk {c}")
+                atomic.save_npy(path(c), scores)
             del model
             gc.collect()
-        scores = np.concatenate([np.load(os.path.join(directory, f"chunk-{c:06d}.npy"))
-                                 for c in range(math.ceil(len(pairs) / chunk))])
-        if scores.shape != (len(pairs),) or not np.all(np.isfinite(scores)):
-            raise ValueError(f"{directory}: teacher scores have shape {scores.shape} (expected {len(pairs)},) or "
-                             "are not finite; delete the directory to rescore")
+        scores = np.concatenate([np.load(path(c)) for c in range(num_chunks)])
         atomic.save_npy(os.path.join(directory, "scores.npy"), scores.reshape(len(rankings), k))
         return {"pairs": len(pairs)}
 

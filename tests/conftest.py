@@ -35,3 +35,15 @@ def shared_data() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def eight_devices() -> None:
     assert jax.device_count() == 8, "tests expect XLA_FLAGS=--xla_force_host_platform_device_count=8"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> pathlib.Path:
+    """An uninterrupted run of configs/tiny.py the README's way (python -m umr_jax.main): the reference."""
+    from helpers import run_tiny
+
+    workdir = tmp_path_factory.mktemp("tiny") / "run"
+    done = run_tiny(workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "round 2:" in done.stdout
+    return workdir

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -84,3 +88,22 @@ def padded_batch(seed: int = 0, batch: int = 8, length: int = 24, vocab: int = 1
     ids = rng.integers(5, vocab, size=(batch, length)).astype(np.int32)
     mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
     return np.where(mask > 0, ids, 0).astype(np.int32), mask
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config():
+    """configs/tiny.py's ConfigDict."""
+    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def run_tiny(workdir: pathlib.Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """python -m umr_jax.main on the tiny config, as a user runs it (8-device CPU mesh)."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "umr_jax.main", f"--config={ROOT / 'configs' / 'tiny.py'}",
+                           f"--workdir={workdir}", *flags], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)

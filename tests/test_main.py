@@ -8,37 +8,17 @@ import pathlib
 import subprocess
 import sys
 
-import ml_collections
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from helpers import tiny_config
 from umr_jax import distill, main, retriever, sharding
 from umr_jax.workdir import ConfigMismatchError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAGES = [f"round-{r}/{s}" for r in range(3) for s in ("encode", "index", "retrieve", "evaluate")] + \
          [f"round-{r}/{s}" for r in (1, 2) for s in ("teacher", "train")] + ["export"]
-
-
-def tiny_config() -> ml_collections.ConfigDict:
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> pathlib.Path:
-    """The README's way: python -m umr_jax.main, here on the tiny config and an 8-device CPU mesh."""
-    workdir = tmp_path_factory.mktemp("tiny") / "run"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    done = subprocess.run([sys.executable, "-m", "umr_jax.main", f"--config={ROOT / 'configs' / 'tiny.py'}",
-                           f"--workdir={workdir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "round 2:" in done.stdout
-    return workdir
 
 
 def _manifest(workdir: pathlib.Path) -> dict:

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from umr_jax import sharding
+from umr_jax import faults, sharding
 from umr_jax.batching import bucket_for
 
 TEACHER_MASK_LOGIT = -1000.0  # the official code's value for other queries' passages
@@ -353,6 +353,7 @@ def train(model: nnx.Module, data: TrainingSet, cfg: ml_collections.ConfigDict, 
                 log_scalars("train/learning_rate", float(trainer.schedule(s)), s)
             if (s + 1) % cfg.checkpoint_every == 0 or s + 1 in (total, stop_at):
                 trainer.save(manager, s + 1)
+                faults.point("train.checkpoint_saved")
     manager.close()
     trainer.sync_model()
     elapsed = time.perf_counter() - began

@@ -36,6 +36,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import gc
 import logging as pylogging
 import math
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -48,6 +49,7 @@ from umr_jax import (
     atomic,
     distill,
     encode,
+    faults,
     index,
     report,
     retriever,
@@ -206,6 +208,7 @@ class Run:
         if os.path.exists(os.path.join(directory, "index.json")):
             return ids, index.load_index(directory, self.cfg.index, self.mesh)
         idx = index.build_index(embeddings, self.cfg.index, self.mesh, k=max(int(self.cfg.k), int(self.cfg.eval_k)))
+        faults.point("index.built")
         idx.save(directory)
         return ids, idx
 
@@ -222,12 +225,14 @@ class Run:
             rankings = run_files.rankings_from_search([q.id for q in queries], [q.lang for q in queries], ids,
                                                       result.scores, result.indices)
             run_files.write_jsonl(self.round_dir(r, f"run-{name}.jsonl"), rankings)
+            faults.point(f"retrieve.{name}_written")
         return {}
 
     def evaluate(self, r: int) -> dict:
         rankings = run_files.read_jsonl(self.round_dir(r, "run-dev.jsonl"))
         table = self.task.evaluate(rankings)
         atomic.write_json(self.round_dir(r, "metrics.json"), table)
+        faults.point("evaluate.metrics_written")
         for name, value in table[report.AVERAGE].items():
             self.scalars(f"dev/{name}", value, r)
         logging.info("round %d dev metrics:\n%s", r, report.format_table(table))
@@ -259,6 +264,7 @@ class Run:
                 if not np.all(np.isfinite(scores)):
                     raise FloatingPointError(f"round {r}: the teacher gave NaN/Inf scores in chunk {c}")
                 atomic.save_npy(path(c), scores)
+                faults.point("teacher.chunk_committed")
             del model
             gc.collect()
         scores = np.concatenate([np.load(path(c)) for c in range(num_chunks)])
@@ -301,6 +307,7 @@ class Run:
         self.use_model(int(self.cfg.rounds))
         for tower in retriever.TOWERS:
             self.retriever.export(self.dir.sub("export", tower), tower=tower)
+            faults.point(f"export.{tower}_written")
         return {}
 
     # --------------------------------------------------------------- the loop
@@ -349,7 +356,13 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    tables = run(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        tables = run(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ValueError, OSError, FloatingPointError) as e:
+        # Bad input, a missing file, an unwritable disk, a numeric fault: the
+        # message names the file, key or step; the traceback is for developers.
+        logging.debug("traceback of the error below", exc_info=True)
+        sys.exit(f"umr_jax.main: error: {e}\n(the traceback: --verbosity=1)")
     for r, t in enumerate(tables):
         print(f"round {r}:\n{report.format_table(t)}")
     print(f"metrics: {os.path.join(flags.FLAGS.workdir, 'metrics.json')}")

@@ -116,6 +116,8 @@ def test_exported_towers_load_in_transformers_and_sentence_transformers(tiny_run
     ("mesh_shape", (3, -1), ValueError, "mesh shape"),
     ("task", "nope", ValueError, "task='nope'"),
     ("k", 2, ValueError, "passages_per_query=4 exceeds k=2"),
+    ("retriever.checkpoint", "https://example.com/model.bin", FileNotFoundError, "no such model directory"),
+    ("teacher.checkpoint", "../../no-such-model", FileNotFoundError, "no such model directory"),
 ])
 def test_bad_configs_fail_before_any_heavy_work(tmp_path, key, value, error, message):
     cfg = tiny_config()

@@ -15,10 +15,11 @@ from __future__ import annotations
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from umr_jax import sharding
+from umr_jax import cli, sharding
 from umr_jax.retriever import Retriever, default_config
 
 
+@cli.reports_user_errors("umr_jax.export")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

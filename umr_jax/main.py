@@ -36,7 +36,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import gc
 import logging as pylogging
 import math
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -47,6 +46,7 @@ from ml_collections import config_flags
 
 from umr_jax import (
     atomic,
+    cli,
     distill,
     encode,
     faults,
@@ -352,17 +352,12 @@ class _QuietLibraries(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+@cli.reports_user_errors("umr_jax.main")
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    try:
-        tables = run(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ValueError, OSError, FloatingPointError) as e:
-        # Bad input, a missing file, an unwritable disk, a numeric fault: the
-        # message names the file, key or step; the traceback is for developers.
-        logging.debug("traceback of the error below", exc_info=True)
-        sys.exit(f"umr_jax.main: error: {e}\n(the traceback: --verbosity=1)")
+    tables = run(flags.FLAGS.config, flags.FLAGS.workdir)
     for r, t in enumerate(tables):
         print(f"round {r}:\n{report.format_table(t)}")
     print(f"metrics: {os.path.join(flags.FLAGS.workdir, 'metrics.json')}")

@@ -19,7 +19,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from umr_jax import encode, index, retriever, run_files, sharding
+from umr_jax import cli, encode, index, retriever, run_files, sharding
 from umr_jax.data.readers import Query, check_on_error, read_queries_jsonl
 
 
@@ -75,6 +75,7 @@ def run(cfg: ml_collections.ConfigDict, corpus: str, queries_path: str, workdir:
 
 
 
+@cli.reports_user_errors("umr_jax.retrieve")
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

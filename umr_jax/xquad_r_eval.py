@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, logging
 from ml_collections import config_flags
 
-from umr_jax import atomic, encode, evaluate, index, report, retriever, run_files, sharding
+from umr_jax import atomic, cli, encode, evaluate, index, report, retriever, run_files, sharding
 from umr_jax.data.readers import Passage
 from umr_jax.data.xquad_r import XquadR, XquadRQuestion, load_xquad_r
 
@@ -103,6 +103,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, flo
     return table
 
 
+@cli.reports_user_errors("umr_jax.xquad_r_eval")
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")

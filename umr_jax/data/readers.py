@@ -168,7 +168,12 @@ def iter_passage_chunks(path: str | os.PathLike, chunk_size: int, *, shard_index
     seen: set[str] = set()
     with _open_binary(path) as f:
         first = f.readline()
-        layout = _TsvLayout(next(csv.reader([_decode(first, path, 1, max_line_bytes)], delimiter="\t")))
+        try:
+            layout = _TsvLayout(next(csv.reader([_decode(first, path, 1, max_line_bytes)], delimiter="\t")))
+        except (csv.Error, StopIteration, ValueError) as e:
+            if isinstance(e, InputError):
+                raise
+            raise InputError(path, 1, f"malformed TSV header: {e}") from None
         if not layout.has_header:
             f.seek(0)
         line_no = 1 if layout.has_header else 0

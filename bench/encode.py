@@ -32,6 +32,8 @@ _TORCH_BATCHES = flags.DEFINE_list("torch_batch_sizes", ["16", "32", "64", "128"
 _TOKENS = flags.DEFINE_integer("tokens_per_batch", 0, "Override the retriever's token budget per batch.")
 _BF16 = flags.DEFINE_bool("bf16_autocast", True, "Also time PyTorch with bfloat16 autocast, once, at "
                            "the float32 winner's batch size.")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Our compute dtype: float32, bfloat16 or auto (bfloat16 "
+                             "where the CPU has bf16 units).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved timed rounds (best counts).")
 
 
@@ -65,6 +67,7 @@ def main(argv):
     texts = candidate_sentences(pathlib.Path(_DATA.value), _NUM.value)
     cfg = default_config()
     cfg.max_passage_length = _MAX_LEN.value
+    cfg.dtype = _DTYPE.value
     if _TOKENS.value:
         cfg.tokens_per_batch = _TOKENS.value
     import jax
@@ -74,7 +77,8 @@ def main(argv):
     lengths = [len(t) for t in token_ids]
     print(f"{len(texts)} passages, {sum(lengths)} tokens, mean length {np.mean(lengths):.1f}, "
           f"max {max(lengths)}; {os.cpu_count()} CPU cores, JAX mesh {dict(mesh.shape)}; "
-          f"jax {jax.__version__}, torch {torch.__version__} with {torch.get_num_threads()} threads")
+          f"jax {jax.__version__}, torch {torch.__version__} with {torch.get_num_threads()} threads; "
+          f"ours in {retriever.tower('passage').dtype}")
 
     # --- ours ---
     def ours():
@@ -132,14 +136,16 @@ def main(argv):
         t_bf16 = best_time(lambda: torch_encode(best_bs, True), 1)
     max_diff = float(np.abs(ref_emb - ours_emb).max())
 
-    peak_single, peak_parallel = jax_matmul_peak(mesh)
+    ours_dtype = np.dtype(retriever.tower("passage").dtype).name
+    peak_single, peak_parallel = jax_matmul_peak(mesh, ours_dtype)
     peak = max(peak_single, peak_parallel)
     flops = model_flops(lengths, hf_cfg.hidden_size, hf_cfg.intermediate_size, hf_cfg.num_hidden_layers)
     print(f"ours: {len(texts) / t_ours:.1f} passages/s ({t_ours:.2f}s), max |ours - pytorch| = {max_diff:.2e}")
     print(f"pytorch float32 best: {len(texts) / t_f32:.1f} passages/s (batch {best_bs})")
     if _BF16.value:
         print(f"pytorch bf16 autocast: {len(texts) / t_bf16:.1f} passages/s (batch {best_bs})")
-    print(f"jax float32 matmul peak (2048^3): {peak_single / 1e9:.1f} GFLOP/s on one device, "
+    print(f"jax {ours_dtype} matmul peak (2048^3, float32 accumulation): {peak_single / 1e9:.1f} GFLOP/s "
+          f"on one device, "
           f"{peak_parallel / 1e9:.1f} GFLOP/s data-parallel over the mesh")
     print(f"model FLOPs {flops / 1e9:.1f} GFLOP; ours {flops / t_ours / 1e9:.1f} GFLOP/s = "
           f"MFU {flops / t_ours / peak:.2f}; pytorch f32 {flops / t_f32 / 1e9:.1f} GFLOP/s")

@@ -33,6 +33,7 @@ from umr_jax.models.hf_checkpoint import (
     load_tokenizer,
     write_sentence_transformers_files,
 )
+from umr_jax.models.layers import resolve_auto_dtype
 
 TOWERS = ("query", "passage")
 
@@ -50,7 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.shared_towers = False  # UMR trains separate query and passage towers
     cfg.dropout = 0.1  # hidden and attention dropout while training
     cfg.param_dtype = "float32"
-    cfg.dtype = "float32"  # compute dtype; 'bfloat16' on TPU/GPU
+    # Compute dtype: 'bfloat16' on TPU/GPU; 'auto' = bfloat16 where the hardware
+    # multiplies it natively (TPU, GPU, CPUs with AMX/AVX512-BF16), else float32.
+    # Matmuls accumulate in float32 either way; pooling and norms are float32.
+    cfg.dtype = "float32"
     cfg.max_query_length = 64
     cfg.max_passage_length = 256
     # Batching. packing=True puts several texts in each row (rows of the
@@ -83,7 +87,8 @@ def build_encoder(config: BertConfig, cfg: ml_collections.ConfigDict, seed: int,
     config = dataclasses.replace(config, hidden_dropout_prob=cfg.dropout,
                                  attention_probs_dropout_prob=cfg.dropout)
     return BertEncoder(config, pooling=cfg.pooling, normalize=cfg.normalize,
-                       param_dtype=cfg.param_dtype, dtype=cfg.dtype, rngs=nnx.Rngs(params=seed, dropout=seed),
+                       param_dtype=resolve_auto_dtype(cfg.param_dtype), dtype=resolve_auto_dtype(cfg.dtype),
+                       rngs=nnx.Rngs(params=seed, dropout=seed),
                        random_init=random_init)
 
 

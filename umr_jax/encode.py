@@ -201,18 +201,19 @@ def encode_tsv_corpus(retriever, path: str, out_dir: str, cfg: ml_collections.Co
                       process_index: int = 0, process_count: int = 1) -> EmbeddingStore:
     """The corpus-encoding stage of a round, for a DPR TSV corpus."""
     source = tsv_chunks(path, int(cfg.chunk_size), process_index, process_count, check_on_error(cfg.on_error))
-    return encode_corpus(_passage_encoder(retriever), source, out_dir, template=cfg.passage_template,
+    return encode_corpus(passage_encoder(retriever), source, out_dir, template=cfg.passage_template,
                          dtype=cfg.dtype, process_index=process_index, process_count=process_count)
 
 
 def encode_passages(retriever, passages: Iterable[Passage], out_dir: str, cfg: ml_collections.ConfigDict,
                     process_index: int = 0, process_count: int = 1) -> EmbeddingStore:
     source = list_chunks(list(passages), int(cfg.chunk_size), process_index, process_count)
-    return encode_corpus(_passage_encoder(retriever), source, out_dir, template=cfg.passage_template,
+    return encode_corpus(passage_encoder(retriever), source, out_dir, template=cfg.passage_template,
                          dtype=cfg.dtype, process_index=process_index, process_count=process_count)
 
 
-def _passage_encoder(retriever) -> Callable[..., np.ndarray]:
+def passage_encoder(retriever) -> Callable[..., np.ndarray]:
+    """`encode(texts, bar=None)` with the retriever's passage tower, as encode_corpus wants it."""
     def encode(texts, bar=None):
         return retriever.encode(texts, "passage", progress=False, bar=bar)
     return encode

@@ -58,6 +58,8 @@ from umr_jax import (
     tasks,
     teacher,
 )
+from umr_jax.models.hf_checkpoint import HUB_ID
+from umr_jax.retrieve import load_or_build_index, search_queries
 from umr_jax.workdir import RunDir
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
@@ -132,8 +134,7 @@ def check_model_source(flag: str, spec: str, builtin: Sequence[str]) -> None:
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"{flag}={spec}: no such file {path}")
         return
-    looks_local = spec.startswith(("/", ".", "~")) or spec.count("/") != 1
-    if looks_local and not os.path.exists(os.path.expanduser(spec)):
+    if not os.path.exists(os.path.expanduser(spec)) and not HUB_ID.match(spec):
         raise FileNotFoundError(f"{flag}={spec}: no such model directory (nor a hub id of the form 'org/name')")
 
 
@@ -185,11 +186,7 @@ class Run:
         self.use_model(r)
         cfg = self.cfg.encode
         source = self.task.chunk_source(int(cfg.chunk_size), jax.process_index(), jax.process_count())
-
-        def passages(texts, bar=None):
-            return self.retriever.encode(texts, "passage", progress=False, bar=bar)
-
-        store = encode.encode_corpus(passages, source, self.round_dir(r, "embeddings"),
+        store = encode.encode_corpus(encode.passage_encoder(self.retriever), source, self.round_dir(r, "embeddings"),
                                      template=cfg.passage_template, dtype=cfg.dtype,
                                      process_index=jax.process_index(), process_count=jax.process_count(),
                                      desc=f"round {r}: encode corpus")
@@ -202,15 +199,8 @@ class Run:
         return {"size": len(ids)}
 
     def load_index(self, r: int) -> tuple[list[str], index.SearchIndex]:
-        store = encode.EmbeddingStore(self.round_dir(r, "embeddings"))
-        ids, embeddings = store.load()
-        directory = self.round_dir(r, "index")
-        if os.path.exists(os.path.join(directory, "index.json")):
-            return ids, index.load_index(directory, self.cfg.index, self.mesh)
-        idx = index.build_index(embeddings, self.cfg.index, self.mesh, k=max(int(self.cfg.k), int(self.cfg.eval_k)))
-        faults.point("index.built")
-        idx.save(directory)
-        return ids, idx
+        return load_or_build_index(encode.EmbeddingStore(self.round_dir(r, "embeddings")), self.round_dir(r, "index"),
+                                   self.cfg.index, self.mesh, max(int(self.cfg.k), int(self.cfg.eval_k)))
 
     def retrieve(self, r: int) -> dict:
         self.use_model(r)
@@ -219,11 +209,8 @@ class Run:
         if r < int(self.cfg.rounds):
             sets.append(("train", self.task.train_queries, int(self.cfg.k)))
         for name, queries, k in sets:
-            k = min(k, len(ids))
-            emb = self.retriever.encode([q.text for q in queries], "query", desc=f"round {r}: encode {name} queries")
-            result = index.search_all(idx, emb, k, batch=int(self.cfg.index.query_batch))
-            rankings = run_files.rankings_from_search([q.id for q in queries], [q.lang for q in queries], ids,
-                                                      result.scores, result.indices)
+            rankings = search_queries(self.retriever, idx, ids, queries, min(k, len(ids)),
+                                      int(self.cfg.index.query_batch), desc=f"round {r}: encode {name} queries")
             run_files.write_jsonl(self.round_dir(r, f"run-{name}.jsonl"), rankings)
             faults.point(f"retrieve.{name}_written")
         return {}

@@ -19,7 +19,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from umr_jax import cli, encode, index, retriever, run_files, sharding
+from umr_jax import cli, encode, faults, index, retriever, run_files, sharding
 from umr_jax.data.readers import Query, check_on_error, read_queries_jsonl
 
 
@@ -35,9 +35,10 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def search_queries(model: retriever.Retriever, idx: index.SearchIndex, passage_ids: Sequence[str],
-                   queries: Sequence[Query], k: int, batch: int = 1024) -> list[run_files.Ranking]:
+                   queries: Sequence[Query], k: int, batch: int = 1024,
+                   desc: str = "encode queries") -> list[run_files.Ranking]:
     """Encodes the queries with the query tower and returns their top-k rankings."""
-    emb = model.encode([q.text for q in queries], "query", desc="encode queries")
+    emb = model.encode([q.text for q in queries], "query", desc=desc)
     result = index.search_all(idx, emb, k, batch=batch)
     return run_files.rankings_from_search([q.id for q in queries], [q.lang for q in queries], passage_ids,
                                           result.scores, result.indices)
@@ -50,6 +51,7 @@ def load_or_build_index(store: encode.EmbeddingStore, directory: str, cfg: ml_co
         logging.info("reusing the index in %s", directory)
         return ids, index.load_index(directory, cfg, mesh)
     idx = index.build_index(embeddings, cfg, mesh, k=k)
+    faults.point("index.built")
     idx.save(directory)
     return ids, idx
 

@@ -16,6 +16,7 @@ text and language; judgements live in `evaluate`, which sees dev rankings only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import ml_collections
@@ -69,11 +70,14 @@ class Task:
         return encode.tsv_chunks(self.corpus_path, chunk_size, process_index, process_count,
                                  check_on_error(self.corpus_on_error))
 
+    @functools.cached_property
+    def _passages_by_id(self) -> dict[str, Passage]:
+        return {p.id: p for p in self.passages or ()}
+
     def lookup(self, ids: Sequence[str]) -> dict[str, Passage]:
         """Passage texts for the teacher and for R@kt."""
         if self.passages is not None:
-            by_id = {p.id: p for p in self.passages}
-            return {i: by_id[i] for i in ids}
+            return {i: self._passages_by_id[i] for i in ids}
         return lookup_passages(self.corpus_path, ids, on_error=check_on_error(self.corpus_on_error))
 
 

@@ -63,7 +63,7 @@ class RunDir:
             atomic.write_json(path, current)
             return
         saved = atomic.read_json(path)
-        a, b = _flatten(saved), _flatten(json.loads(json.dumps(current)))
+        a, b = _flatten(saved), _flatten(current)
         changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
         if changed:
             details = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])

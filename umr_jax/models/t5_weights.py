@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -39,11 +38,10 @@ from absl import logging
 from flax import nnx
 
 from umr_jax import atomic
-from umr_jax.models.hf_checkpoint import download_from_hub, read_config_json, read_hf_weights
+from umr_jax.models.hf_checkpoint import HUB_ID, download_from_hub, read_config_json, read_hf_weights
 from umr_jax.models.state_dict import CheckpointError, Slot, export_state_dict, load_state_dict, to_hf, to_ours
 from umr_jax.models.t5 import MODEL_TYPES, MT5, T5Config
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 _ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 # Old checkpoints carry a cross-attention bias table that T5 never uses
 # (transformers ignores it too).
@@ -187,7 +185,7 @@ def load_t5_checkpoint(spec: str, tokenizer: str = "") -> LoadedT5:
         directory = spec
     elif os.path.exists(spec):
         raise CheckpointError(f"{spec}: is a file; pass a Hugging Face T5/mT5 model directory or a hub id")
-    elif _HUB_ID.match(spec):
+    elif HUB_ID.match(spec):
         directory = download_from_hub(spec, flag=_CHECKPOINT_FLAG)
     else:
         raise CheckpointError(f"{spec!r}: no such directory, and not a hub id of the form 'org/name'")

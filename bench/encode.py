@@ -32,8 +32,8 @@ _TORCH_BATCHES = flags.DEFINE_list("torch_batch_sizes", ["16", "32", "64", "128"
 _TOKENS = flags.DEFINE_integer("tokens_per_batch", 0, "Override the retriever's token budget per batch.")
 _BF16 = flags.DEFINE_bool("bf16_autocast", True, "Also time PyTorch with bfloat16 autocast, once, at "
                            "the float32 winner's batch size.")
-_DTYPE = flags.DEFINE_string("dtype", "float32", "Our compute dtype: float32, bfloat16 or auto (bfloat16 "
-                             "where the CPU has bf16 units).")
+_DTYPE = flags.DEFINE_string("dtype", "auto", "Our compute dtype: float32, bfloat16 or auto (bfloat16 "
+                             "where the CPU has bf16 units, as configs/xquad_r.py encodes).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Interleaved timed rounds (best counts).")
 
 

@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from helpers import tiny_config
-from umr_jax import distill, main, retriever, sharding
+from umr_jax import distill, main, retriever, run_files, sharding, teacher
 from umr_jax.workdir import ConfigMismatchError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -158,3 +158,33 @@ def test_teacher_score_chunks_are_checked_before_reuse(tmp_path):
     np.save(nan, np.array([-1.0, np.nan, -0.5], np.float32))
     assert main.read_scores(str(nan), 3) is None
     assert main.read_scores(str(tmp_path / "missing.npy"), 3) is None
+
+
+def test_teacher_rerank_reorders_only_the_top_k_by_teacher_score(tiny_run, tmp_path):
+    cfg = tiny_config()
+    cfg.rerank.queries_per_language, cfg.rerank.k = 2, 5
+    run = main.Run(cfg, str(tmp_path))
+    (tmp_path / "round-0").mkdir()
+    (tmp_path / "round-0" / "run-dev.jsonl").write_bytes((tiny_run / "round-0" / "run-dev.jsonl").read_bytes())
+    averages = run.rerank(0)
+    chosen = run.rerank_queries()
+    assert sorted(q.lang for q in chosen) == ["de", "de", "en", "en", "fr", "fr"]
+    student = run_files.read_jsonl(str(tmp_path / "round-0" / "run-dev-student.jsonl"))
+    reranked = run_files.read_jsonl(str(tmp_path / "round-0" / "run-dev-rerank.jsonl"))
+    assert [x.query_id for x in student] == [x.query_id for x in reranked] == [q.id for q in chosen]
+    for s, t in zip(student, reranked, strict=True):
+        assert sorted(s.passage_ids[:5]) == sorted(t.passage_ids[:5]) and s.passage_ids[5:] == t.passage_ids[5:]
+        assert list(t.scores[:5]) == sorted(t.scores[:5], reverse=True)
+    # The scores are the teacher's: a fresh teacher gives them for the reranked pairs.
+    model = teacher.Teacher.from_config(cfg.teacher, run.mesh, seed=int(cfg.seed))
+    texts = run.task.teacher_lookup([p for x in reranked for p in x.passage_ids[:5]])
+    queries = {q.id: q for q in chosen}
+    fresh = model.score([queries[x.query_id].text for x in reranked for _ in range(5)],
+                        [(texts[p].title, texts[p].text) for x in reranked for p in x.passage_ids[:5]],
+                        [x.lang for x in reranked for _ in range(5)], progress=False)
+    np.testing.assert_allclose(fresh, [s for x in reranked for s in x.scores[:5]], rtol=1e-5, atol=1e-5)
+    assert averages["teacher"] == run.task.evaluate(reranked, chosen)["avg"]
+    assert averages["student"] == run.task.evaluate(student, chosen)["avg"]
+    with pytest.raises(ValueError, match=r"rerank\.k"):
+        cfg.rerank.k = 200
+        main.validate(cfg)

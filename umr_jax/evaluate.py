@@ -134,7 +134,14 @@ def answer_hit_at_tokens(contexts: Sequence[str], answers: Sequence[str], max_to
 def xor_retrieve_recall(contexts: Mapping[str, Sequence[str]], answers: Mapping[str, Sequence[str]],
                         langs: Mapping[str, str], k_tokens: Sequence[int] = (2000, 5000),
                         tokenize: Callable[[str], list[str]] | None = None) -> dict[str, dict[str, float]]:
-    """R@{k}kt per language and macro average, in percent like the official script.
+    """R@{k}kt per language and macro average, in percent like the official script."""
+    return by_language(xor_retrieve_per_query(contexts, answers, k_tokens, tokenize), langs)
+
+
+def xor_retrieve_per_query(contexts: Mapping[str, Sequence[str]], answers: Mapping[str, Sequence[str]],
+                           k_tokens: Sequence[int] = (2000, 5000),
+                           tokenize: Callable[[str], list[str]] | None = None) -> dict[str, dict[str, float]]:
+    """R@{k}kt (0 or 100) per question.
 
     `contexts`: query id -> retrieved passage texts in rank order. Questions
     whose answers are all yes/no are skipped, as officially; questions with
@@ -148,4 +155,4 @@ def xor_retrieve_recall(contexts: Mapping[str, Sequence[str]], answers: Mapping[
         ctx = contexts.get(q, ())
         per_query[q] = {f"R@{k // 1000}kt": 100.0 * answer_hit_at_tokens(ctx, spans, k, tokenize)
                         for k in k_tokens}
-    return by_language(per_query, langs)
+    return per_query

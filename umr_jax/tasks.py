@@ -27,6 +27,7 @@ from umr_jax.data.readers import Passage, Query, check_on_error, lookup_passages
 
 TASKS = ("xor_retrieve", "xquad_r", "synthetic")
 Table = dict[str, dict[str, float]]
+PerQuery = dict[str, dict[str, float]]  # query id -> measure -> value
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -43,6 +44,10 @@ def default_config() -> ml_collections.ConfigDict:
     # xquad_r
     cfg.train_article_fraction = 2 / 3  # share of the 48 articles whose questions train
     cfg.candidate_template = "{sentence} {context}"  # LAReQA encodes the sentence with its context
+    # What the teacher reads of a candidate ('' = the candidate text above). The
+    # sentence alone: the context is shared by every sentence of a paragraph, so
+    # with it the teacher cannot tell them apart, and it costs ~6x the tokens.
+    cfg.teacher_template = "{sentence}"
     # synthetic
     cfg.num_passages = 96
     cfg.num_train_queries = 32
@@ -53,16 +58,28 @@ def default_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass
 class Task:
-    """A corpus, training queries and dev queries with their evaluator."""
+    """A corpus, training queries and dev queries with their judge."""
 
     name: str
     train_queries: list[Query]
     dev_queries: list[Query]
-    evaluate: Callable[[Sequence[run_files.Ranking]], Table]
+    # Per-query dev metrics of rankings for the given dev queries; a query
+    # without a ranking scores 0. Per query, so that paired bootstrap
+    # intervals (umr_jax/results.py) and subsets (the teacher rerank) use it.
+    score_queries: Callable[[Sequence[run_files.Ranking], Sequence[Query]], PerQuery]
     passages: list[Passage] | None = None  # an in-memory corpus, or
     corpus_path: str = ""  # a DPR TSV file read in chunks
     corpus_on_error: str = "raise"
     primary_metric: str = "map@20"
+    teacher_passages: list[Passage] | None = None  # what the teacher reads, if not `passages`
+    # Dev query id -> its question's id, when queries are translations of each
+    # other (XQuAD-R): bootstrap intervals resample such groups together.
+    query_group: Callable[[str], str] | None = None
+
+    def evaluate(self, rankings: Sequence[run_files.Ranking], queries: Sequence[Query] | None = None) -> Table:
+        """Metrics per query language and their macro average, over `queries` (default: all dev queries)."""
+        queries = self.dev_queries if queries is None else queries
+        return evaluate.by_language(self.score_queries(rankings, queries), {q.id: q.lang for q in queries})
 
     def chunk_source(self, chunk_size: int, process_index: int = 0, process_count: int = 1) -> encode.ChunkSource:
         if self.passages is not None:
@@ -74,11 +91,21 @@ class Task:
     def _passages_by_id(self) -> dict[str, Passage]:
         return {p.id: p for p in self.passages or ()}
 
+    @functools.cached_property
+    def _teacher_passages_by_id(self) -> dict[str, Passage]:
+        return {p.id: p for p in self.teacher_passages or ()}
+
     def lookup(self, ids: Sequence[str]) -> dict[str, Passage]:
-        """Passage texts for the teacher and for R@kt."""
+        """Passage texts for training and for R@kt."""
         if self.passages is not None:
             return {i: self._passages_by_id[i] for i in ids}
         return lookup_passages(self.corpus_path, ids, on_error=check_on_error(self.corpus_on_error))
+
+    def teacher_lookup(self, ids: Sequence[str]) -> dict[str, Passage]:
+        """Passage texts as the teacher reads them."""
+        if self.teacher_passages is not None:
+            return {i: self._teacher_passages_by_id[i] for i in ids}
+        return self.lookup(ids)
 
 
 def _sample(items: list, limit: int, seed: int, salt: int) -> list:
@@ -114,7 +141,7 @@ def article_of(candidate_id: str) -> int:
 
 def xquad_r_task(cfg: ml_collections.ConfigDict) -> Task:
     from umr_jax.data.xquad_r import load_xquad_r
-    from umr_jax.xquad_r_eval import evaluate_rankings
+    from umr_jax.xquad_r_eval import per_query_metrics
 
     data = load_xquad_r(data_dir=cfg.data_dir or None, local_dir=cfg.local_dir or None)
     langs = _check_languages(cfg.languages, {q.lang for q in data.questions}, "XQuAD-R")
@@ -130,12 +157,19 @@ def xquad_r_task(cfg: ml_collections.ConfigDict) -> Task:
     dev = _sample(dev, cfg.max_dev_queries, cfg.split_seed, 2)
     train = _sample(train, cfg.max_train_queries, cfg.split_seed, 1)
 
-    def evaluate_dev(rankings: Sequence[run_files.Ranking]) -> Table:
-        return evaluate_rankings(rankings, dev, ("map@20", "recall@1", "recall@10", "recall@100", "mrr@10"))
+    judged = {q.id: q for q in dev}
 
-    passages = [Passage(c.id, cfg.candidate_template.format(sentence=c.sentence.strip(),
-                                                            context=c.context.strip())) for c in pool]
-    return Task("xquad_r", train, [Query(q.id, q.question, q.lang) for q in dev], evaluate_dev, passages=passages)
+    def score_queries(rankings: Sequence[run_files.Ranking], queries: Sequence[Query]) -> PerQuery:
+        return per_query_metrics(rankings, [judged[q.id] for q in queries],
+                                 ("map@20", "recall@1", "recall@10", "recall@100", "mrr@10"))
+
+    def texts(template: str) -> list[Passage]:
+        return [Passage(c.id, template.format(sentence=c.sentence.strip(), context=c.context.strip())) for c in pool]
+
+    return Task("xquad_r", train, [Query(q.id, q.question, q.lang) for q in dev], score_queries,
+                passages=texts(cfg.candidate_template),
+                teacher_passages=texts(cfg.teacher_template) if cfg.teacher_template else None,
+                query_group=lambda query_id: query_id.split(":", 1)[1])
 
 
 # ----------------------------------------------------------------------------- XOR-TyDi
@@ -155,17 +189,17 @@ def xor_retrieve_task(cfg: ml_collections.ConfigDict) -> Task:
     train = _sample([Query(q.id, q.question, q.lang) for q in train_q if q.lang in langs],
                     cfg.max_train_queries, cfg.split_seed, 1)
     dev_q = _sample([q for q in dev_q if q.lang in langs], cfg.max_dev_queries, cfg.split_seed, 2)
-    task = Task("xor_retrieve", train, [Query(q.id, q.question, q.lang) for q in dev_q], lambda r: {},
+    answers = {q.id: q.answers for q in dev_q}
+    task = Task("xor_retrieve", train, [Query(q.id, q.question, q.lang) for q in dev_q], lambda r, q: {},
                 corpus_path=cfg.corpus, corpus_on_error=cfg.corpus_on_error, primary_metric="R@5kt")
 
-    def evaluate_dev(rankings: Sequence[run_files.Ranking]) -> Table:
+    def score_queries(rankings: Sequence[run_files.Ranking], queries: Sequence[Query]) -> PerQuery:
         texts = task.lookup(sorted({p for r in rankings for p in r.passage_ids}))
         contexts = {r.query_id: [f"{texts[p].title} {texts[p].text}".strip() for p in r.passage_ids]
                     for r in rankings}
-        return evaluate.xor_retrieve_recall(contexts, {q.id: q.answers for q in dev_q},
-                                            {q.id: q.lang for q in dev_q})
+        return evaluate.xor_retrieve_per_query(contexts, {q.id: answers[q.id] for q in queries})
 
-    task.evaluate = evaluate_dev
+    task.score_queries = score_queries
     return task
 
 
@@ -190,12 +224,11 @@ def synthetic_task(cfg: ml_collections.ConfigDict, seed: int = 0) -> Task:
     train, dev = queries[:cfg.num_train_queries], queries[cfg.num_train_queries:]
     qrels = {q.id: {passages[t].id} for q, t in zip(dev, targets[cfg.num_train_queries:], strict=True)}
 
-    def evaluate_dev(rankings: Sequence[run_files.Ranking]) -> Table:
-        per_query = evaluate.ranked_metrics(run_files.as_run(rankings), qrels,
-                                            ("map@20", "recall@1", "recall@10", "mrr@10"))
-        return evaluate.by_language(per_query, {q.id: q.lang for q in dev})
+    def score_queries(rankings: Sequence[run_files.Ranking], queries: Sequence[Query]) -> PerQuery:
+        return evaluate.ranked_metrics(run_files.as_run(rankings), {q.id: qrels[q.id] for q in queries},
+                                       ("map@20", "recall@1", "recall@10", "mrr@10"))
 
-    return Task("synthetic", train, dev, evaluate_dev, passages=passages)
+    return Task("synthetic", train, dev, score_queries, passages=passages)
 
 
 def build_task(name: str, cfg: ml_collections.ConfigDict, seed: int = 0) -> Task:

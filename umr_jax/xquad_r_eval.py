@@ -13,12 +13,10 @@ Candidate embeddings are stored in the workdir in resumable chunks.
 
 from __future__ import annotations
 
-import collections
 import os
 from collections.abc import Sequence
 
 import ml_collections
-import numpy as np
 from absl import app, logging
 from ml_collections import config_flags
 
@@ -64,25 +62,32 @@ def select_questions(data: XquadR, languages: Sequence[str], per_language: int) 
     return chosen
 
 
-def same_language_share(rankings: Sequence[run_files.Ranking], k: int = 20) -> dict[str, float]:
-    """Per query language: the fraction of the top k that is in the question's language."""
-    shares = collections.defaultdict(list)
-    for r in rankings:
-        top = r.passage_ids[:k]
-        shares[r.lang].append(sum(p.split(":", 1)[0] == r.lang for p in top) / len(top))
-    table = {lang: float(np.mean(v)) for lang, v in sorted(shares.items())}
-    table[evaluate.AVERAGE] = float(np.mean(list(table.values())))
-    return table
+def same_language_share(ranking: run_files.Ranking, k: int = 20) -> float:
+    """The fraction of the top k that is in the question's language."""
+    top = ranking.passage_ids[:k]
+    return sum(p.split(":", 1)[0] == ranking.lang for p in top) / max(len(top), 1)
+
+
+def per_query_metrics(rankings: Sequence[run_files.Ranking], questions: Sequence[XquadRQuestion],
+                      measures: Sequence[str]) -> dict[str, dict[str, float]]:
+    """`measures` and the same-language share of the top 20 (`same_lang@20`) for each question.
+
+    Rankings of other queries are ignored; a question without one scores 0.
+    """
+    qrels = {q.id: set(q.relevant) for q in questions}
+    ranked = [r for r in rankings if r.query_id in qrels]
+    per_query = evaluate.ranked_metrics(run_files.as_run(ranked), qrels, measures)
+    for r in ranked:
+        per_query[r.query_id]["same_lang@20"] = same_language_share(r)
+    for q in questions:  # no ranking: nothing in the top 20 at all
+        per_query[q.id].setdefault("same_lang@20", 0.0)
+    return per_query
 
 
 def evaluate_rankings(rankings: Sequence[run_files.Ranking], questions: Sequence[XquadRQuestion],
                       measures: Sequence[str]) -> dict[str, dict[str, float]]:
-    qrels = {q.id: set(q.relevant) for q in questions}
-    per_query = evaluate.ranked_metrics(run_files.as_run(rankings), qrels, measures)
-    table = evaluate.by_language(per_query, {q.id: q.lang for q in questions})
-    for lang, share in same_language_share(rankings).items():
-        table[lang]["same_lang@20"] = share
-    return table
+    per_query = per_query_metrics(rankings, questions, measures)
+    return evaluate.by_language(per_query, {q.id: q.lang for q in questions})
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:

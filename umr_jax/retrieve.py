@@ -45,8 +45,12 @@ def search_queries(model: retriever.Retriever, idx: index.SearchIndex, passage_i
 
 
 def load_or_build_index(store: encode.EmbeddingStore, directory: str, cfg: ml_collections.ConfigDict,
-                        mesh, k: int) -> tuple[list[str], index.SearchIndex]:
-    ids, embeddings = store.load()
+                        mesh, k: int, process_index: int = 0,
+                        process_count: int = 1) -> tuple[list[str], index.SearchIndex]:
+    """The index of the whole store, or of process p's shard of n (in `directory`/shard-p-of-n)."""
+    ids, embeddings = store.load(process_index, process_count)
+    if process_count > 1:
+        directory = os.path.join(directory, f"shard-{process_index}-of-{process_count}")
     if os.path.exists(os.path.join(directory, "index.json")):
         logging.info("reusing the index in %s", directory)
         return ids, index.load_index(directory, cfg, mesh)

@@ -67,3 +67,22 @@ def read_jsonl(path: str | os.PathLike) -> list[Ranking]:
 def as_run(rankings: Sequence[Ranking], k: int | None = None) -> dict[str, list[str]]:
     """query id -> ranked passage ids (cut at k), the input of the metrics."""
     return {r.query_id: r.passage_ids[:k] for r in rankings}
+
+
+def merge_rankings(parts: Sequence[Sequence[Ranking]], k: int) -> list[Ranking]:
+    """The global top k of per-shard rankings of the same queries (same order in every part).
+
+    Passages of different shards never coincide; equal scores keep shard order.
+    """
+    if not parts:
+        return []
+    merged = []
+    for rows in zip(*parts, strict=True):
+        query_ids = {r.query_id for r in rows}
+        if len(query_ids) != 1:
+            raise ValueError(f"merge_rankings: parts disagree on the query order ({sorted(query_ids)[:3]})")
+        pairs = [(s, p) for r in rows for p, s in zip(r.passage_ids, r.scores, strict=True)]
+        order = sorted(range(len(pairs)), key=lambda i: -pairs[i][0])[:k]
+        merged.append(Ranking(rows[0].query_id, rows[0].lang, [pairs[i][1] for i in order],
+                              [pairs[i][0] for i in order]))
+    return merged

@@ -41,7 +41,9 @@ class RunDir:
     """The workdir of one run; stages are recorded in order with their wall time."""
 
     def __init__(self, path: str, cfg: ml_collections.ConfigDict, *, writable: bool = True):
+        """`writable=False`: a reader of a workdir another process owns (multi-process runs: process 0 writes)."""
         self.path = os.path.abspath(path)
+        self.writable = writable
         if writable:
             try:
                 os.makedirs(self.path, exist_ok=True)
@@ -80,7 +82,8 @@ class RunDir:
         self.manifest["stages"][stage] = {
             "seconds": round(seconds, 3),
             "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "info": info or {}}
-        atomic.write_json(self.sub(MANIFEST), self.manifest)
+        if self.writable:
+            atomic.write_json(self.sub(MANIFEST), self.manifest)
 
     def stage(self, name: str, fn: Callable[[], dict | None]) -> bool:
         """Runs `fn` unless the stage is recorded; returns whether it ran."""

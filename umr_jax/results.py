@@ -247,8 +247,8 @@ def rounds_section(run: FinishedRun) -> str:
 
 
 def ablation_section(main_run: FinishedRun, ablations: Sequence[FinishedRun]) -> str:
-    rows, pairs = [], []
-    zero = main_run.round_per_query(0)
+    rows, pairs, versus_main = [], [], []
+    zero, main_after = main_run.round_per_query(0), main_run.round_per_query(1)
     for run in [main_run, *ablations]:
         if run.rounds[0] != 0 or len(run.rounds) < 2:
             raise ValueError(f"{run.dir}: needs rounds 0 and 1 evaluated")
@@ -261,12 +261,14 @@ def ablation_section(main_run: FinishedRun, ablations: Sequence[FinishedRun]) ->
                      f"{teacher_s:.0f} s" if teacher_s is not None else "",
                      avg["map@20"], avg["recall@100"], avg["same_lang@20"]])
         pairs.append((f"k = {run.cfg.k}: round 1 - round 0", after, zero))
+        if run is not main_run:
+            versus_main.append((f"round 1: k = {run.cfg.k} - k = {main_run.cfg.k}", after, main_after))
     order = np.argsort([int(r[0].split("= ")[1]) for r in rows])
     return "\n\n".join([
         "### The effect of k (one round; everything else as above)",
         markdown(["teacher top-k", "teacher pairs", "teacher time", "map@20", "recall@100", "same_lang@20"],
                  [rows[i] for i in order]),
-        differences_table([pairs[i] for i in order], main_run.langs, main_run.clusters),
+        differences_table([pairs[i] for i in order] + versus_main, main_run.langs, main_run.clusters),
     ])
 
 

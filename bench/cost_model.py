@@ -620,7 +620,8 @@ def report(r: dict) -> list[str]:
                   f"({c['mean_tokens']:.1f} tokens per passage) is {c['model_gflops']:.0f} GFLOP/s by this model's "
                   f"formula, {c['measured_gflops']:.0f} GFLOP/s as measured."]
     lines += ["", "### FLOPs per run", "",
-              "| stage | runs | model FLOPs per run (real tokens) | executed FLOPs per run (with padding) |", "|---|---|---|---|"]
+              "| stage | runs | model FLOPs per run (real tokens) | executed FLOPs per run (with padding) |",
+              "|---|---|---|---|"]
     for stage in ("encode", "index", "search", "teacher", "train"):
         lines.append(f"| {STAGE_LABEL[stage]} | {runs[stage]} | {f[stage]['model']:.3g} | "
                      f"{f[stage]['executed']:.3g} |")

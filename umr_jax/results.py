@@ -165,8 +165,15 @@ def language_table(systems: Sequence[tuple[str, PerQuery]], langs: Mapping[str, 
     return markdown([f"{measure}", *columns], [[label, *[t[c][measure] for c in columns]] for label, t in tables])
 
 
+def measured(per_query: PerQuery, measures: Sequence[str]) -> list[str]:
+    """The measures a task reports (XQuAD-R has recall@100 and same_lang@20, synthetic does not)."""
+    names = next(iter(per_query.values()), {})
+    return [m for m in measures if m in names]
+
+
 def differences_table(pairs: Sequence[tuple[str, PerQuery, PerQuery]], langs: Mapping[str, str],
                       clusters: Mapping[str, str] | None, measures: Sequence[str] = COMPARED) -> str:
+    measures = measured(pairs[0][1], measures) if pairs else list(measures)
     rows = []
     for label, after, before in pairs:
         cells = []
@@ -233,12 +240,12 @@ def rounds_section(run: FinishedRun) -> str:
     systems = [(label[r], per_round[r]) for r in run.rounds]
     pairs = [(f"round {r} - round 0", per_round[r], per_round[0]) for r in run.rounds[1:]]
     pairs += [(f"round {r} - round {r - 1}", per_round[r], per_round[r - 1]) for r in run.rounds[2:]]
+    by_language = [language_table(systems, run.langs, m)
+                   for m in measured(per_round[0], ("map@20", "recall@100", "same_lang@20"))]
     return "\n\n".join([
         f"### UMR rounds on all {len(run.langs)} held-out questions",
         averages_table(systems, run.langs),
-        language_table(systems, run.langs, "map@20"),
-        language_table(systems, run.langs, "recall@100"),
-        language_table(systems, run.langs, "same_lang@20"),
+        *by_language,
         "Paired differences (95% percentile bootstrap, 10,000 resamples of "
         + ("questions with all their translations" if run.clusters else "queries")
         + "; * = the interval excludes 0):",
@@ -259,7 +266,7 @@ def ablation_section(main_run: FinishedRun, ablations: Sequence[FinishedRun]) ->
         teacher_s = run.seconds("round-1/teacher")
         rows.append([f"k = {run.cfg.k}", run.manifest["stages"]["round-1/teacher"]["info"].get("pairs", ""),
                      f"{teacher_s:.0f} s" if teacher_s is not None else "",
-                     avg["map@20"], avg["recall@100"], avg["same_lang@20"]])
+                     *[avg.get(m, "") for m in ("map@20", "recall@100", "same_lang@20")]])
         pairs.append((f"k = {run.cfg.k}: round 1 - round 0", after, zero))
         if run is not main_run:
             versus_main.append((f"round 1: k = {run.cfg.k} - k = {main_run.cfg.k}", after, main_after))

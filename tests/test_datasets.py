@@ -243,6 +243,8 @@ def test_offline_without_any_local_directory(tmp_path, offline):
 
 
 def test_environment_variable_points_at_local_copies(monkeypatch, tmp_path):
+    (tmp_path / "from-env").mkdir()
+    (tmp_path / "arg").mkdir()
     monkeypatch.setenv(xquad_r.LOCAL_DIR_ENV, str(tmp_path / "from-env"))
     assert sources.local_directory(None, xquad_r.LOCAL_DIR_ENV) == tmp_path / "from-env"
     assert sources.local_directory(tmp_path / "arg", xquad_r.LOCAL_DIR_ENV) == tmp_path / "arg"
@@ -250,6 +252,16 @@ def test_environment_variable_points_at_local_copies(monkeypatch, tmp_path):
     assert sources.local_directory(None, xquad_r.LOCAL_DIR_ENV) is None
     monkeypatch.setenv(sources.TFDS_DIR_ENV, str(tmp_path / "tfds"))
     assert sources.tfds_data_dir(None) == str(tmp_path / "tfds")
+
+
+def test_a_named_local_directory_must_exist_even_when_the_data_is_prepared(monkeypatch, tmp_path, shared_data):
+    # Prepared once from the real files; a later typo in local_dir must not be ignored because TFDS has the data.
+    xquad_r.load_xquad_r(data_dir=tmp_path / "tfds", local_dir=shared_data / "xquad-r")
+    with pytest.raises(FileNotFoundError, match=r"local_dir=/nonexistent: no such directory"):
+        xquad_r.load_xquad_r(data_dir=tmp_path / "tfds", local_dir="/nonexistent")
+    monkeypatch.setenv(xquad_r.LOCAL_DIR_ENV, str(tmp_path / "typo"))
+    with pytest.raises(FileNotFoundError, match=rf"{xquad_r.LOCAL_DIR_ENV}=.*typo: no such directory"):
+        xquad_r.load_xquad_r(data_dir=tmp_path / "tfds")
 
 
 def test_local_copy_with_wrong_checksum_is_rejected(tmp_path, shared_data, offline):

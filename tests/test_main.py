@@ -118,6 +118,7 @@ def test_exported_towers_load_in_transformers_and_sentence_transformers(tiny_run
     ("k", 2, ValueError, "passages_per_query=4 exceeds k=2"),
     ("retriever.checkpoint", "https://example.com/model.bin", FileNotFoundError, "no such model directory"),
     ("teacher.checkpoint", "../../no-such-model", FileNotFoundError, "no such model directory"),
+    ("data.local_dir", "/nonexistent", FileNotFoundError, "--config.data.local_dir=/nonexistent: no such directory"),
 ])
 def test_bad_configs_fail_before_any_heavy_work(tmp_path, key, value, error, message):
     cfg = tiny_config()
@@ -138,11 +139,26 @@ def test_a_workdir_refuses_another_config(tmp_path):
         main.Run(other, str(tmp_path))
 
 
-def test_unknown_override_keys_are_rejected(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "umr_jax.main", f"--config={ROOT / 'configs' / 'tiny.py'}",
-                           "--config.train.learning_rat=0.1", f"--workdir={tmp_path}"], cwd=ROOT,
+@pytest.mark.parametrize("argv, line", [
+    (["umr_jax.main", "--config.trian.epochs=3"],
+     "umr_jax.main: error: --config.trian.epochs: unknown config key 'trian'; did you mean 'train'?"),
+    (["umr_jax.main", f"--config={ROOT / 'configs' / 'tiny.py'}", "--config.train.learning_rat=0.1"],
+     "umr_jax.main: error: --config.train.learning_rat: unknown config key 'learning_rat'; "
+     "did you mean 'learning_rate'?"),
+    (["umr_jax.main", "--config.train.epochs=three"],
+     "umr_jax.main: error: flag --config.train.epochs=three: could not convert string to float: 'three'"),
+    (["umr_jax.export", "--config.poling=cls", "--out=x"],
+     "umr_jax.export: error: --config.poling: unknown config key 'poling'; did you mean 'pooling'?"),
+    (["umr_jax.retrieve", "--config.index.bakend=exact"],
+     "umr_jax.retrieve: error: --config.index.bakend: unknown config key 'bakend'; did you mean 'backend'?"),
+    (["umr_jax.xquad_r_eval", "--config.k=abc"],
+     "umr_jax.xquad_r_eval: error: flag --config.k=abc: invalid literal for int() with base 10: 'abc'"),
+])
+def test_flag_mistakes_end_every_binary_with_one_line(tmp_path, argv, line):
+    done = subprocess.run([sys.executable, "-m", *argv, f"--workdir={tmp_path}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "learning_rat" in done.stderr
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [line]
     assert not os.listdir(tmp_path)
 
 

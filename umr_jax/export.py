@@ -39,5 +39,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run("umr_jax.export", main, define_flags)

@@ -53,8 +53,17 @@ class OfficialFile:
 
 def local_directory(local_dir: str | os.PathLike[str] | None, env_var: str) -> Path | None:
     """The directory to look in for local copies: the argument, else `env_var`, else none."""
+    named_by = "local_dir" if local_dir not in (None, "") else env_var
     chosen = local_dir if local_dir not in (None, "") else os.environ.get(env_var) or None
-    return Path(chosen).expanduser() if chosen is not None else None
+    if chosen is None:
+        return None
+    path = Path(chosen).expanduser()
+    # A directory the user names must exist, even when TFDS has prepared the
+    # data already and would never read it: a typo must not pass unnoticed.
+    if not path.is_dir():
+        raise FileNotFoundError(f"{named_by}={chosen}: no such directory (it should hold local copies of the "
+                                "official files)")
+    return path
 
 
 def tfds_data_dir(data_dir: str | os.PathLike[str] | None) -> str | None:

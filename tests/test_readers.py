@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from umr_jax.data.readers import InputError, iter_passage_chunks, lookup_passages, read_passages, read_queries_jsonl
+from helpers import read_passages
+from umr_jax.data.readers import InputError, iter_passage_chunks, lookup_passages, read_queries_jsonl
 
 
 def _tsv(tmp_path, rows, header="id\ttext\ttitle", name="corpus.tsv"):

@@ -105,10 +105,6 @@ class EmbeddingStore:
         atomic.write_json(os.path.join(self.directory, f"done-{process_index}-of-{process_count}.json"),
                           {"num_chunks": num_chunks, "report": report.to_dict()})
 
-    def is_complete(self, process_count: int) -> bool:
-        return all(os.path.exists(os.path.join(self.directory, f"done-{p}-of-{process_count}.json"))
-                   for p in range(process_count))
-
     def load(self, process_index: int = 0, process_count: int = 1) -> tuple[list[str], np.ndarray]:
         """Chunks joined in corpus order: all, or process p's shard of n (chunks c with c % n == p).
 

@@ -131,13 +131,6 @@ def answer_hit_at_tokens(contexts: Sequence[str], answers: Sequence[str], max_to
     return any(a in joined for a in answers)
 
 
-def xor_retrieve_recall(contexts: Mapping[str, Sequence[str]], answers: Mapping[str, Sequence[str]],
-                        langs: Mapping[str, str], k_tokens: Sequence[int] = (2000, 5000),
-                        tokenize: Callable[[str], list[str]] | None = None) -> dict[str, dict[str, float]]:
-    """R@{k}kt per language and macro average, in percent like the official script."""
-    return by_language(xor_retrieve_per_query(contexts, answers, k_tokens, tokenize), langs)
-
-
 def xor_retrieve_per_query(contexts: Mapping[str, Sequence[str]], answers: Mapping[str, Sequence[str]],
                            k_tokens: Sequence[int] = (2000, 5000),
                            tokenize: Callable[[str], list[str]] | None = None) -> dict[str, dict[str, float]]:

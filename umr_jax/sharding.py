@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -34,15 +33,6 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("mlp", "model"),
     ("kv_heads", "model"),  # grouped-query attention; one kv head (Gemma 3 270M) is replicated
 )
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Mesh section of a run config: all devices on `data` by default."""
-    cfg = ml_collections.ConfigDict()
-    cfg.shape = (-1, 1)
-    cfg.axis_names = ("data", "model")
-    cfg.rules = DEFAULT_RULES
-    return cfg
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -83,10 +73,6 @@ def make_mesh(shape: Sequence[int] = (-1, 1), axis_names: Sequence[str] = ("data
     if len(devices) == len(jax.devices()):
         return jax.make_mesh(resolved, tuple(axis_names), axis_types=axis_types, devices=devices)
     return Mesh(np.asarray(devices).reshape(resolved), tuple(axis_names), axis_types=axis_types)
-
-
-def mesh_from_config(cfg: ml_collections.ConfigDict) -> Mesh:
-    return make_mesh(cfg.shape, cfg.axis_names)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,

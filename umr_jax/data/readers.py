@@ -206,16 +206,6 @@ def iter_passage_chunks(path: str | os.PathLike, chunk_size: int, *, shard_index
             chunk += 1
 
 
-def read_passages(path: str | os.PathLike, *, on_error: OnError = "raise",
-                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[list[Passage], ReadReport]:
-    """A whole (small) passage file; large corpora go through iter_passage_chunks."""
-    total, passages = ReadReport(str(path)), []
-    for _, chunk, report in iter_passage_chunks(path, 1 << 30, on_error=on_error, max_line_bytes=max_line_bytes):
-        passages.extend(chunk)
-        total.merge(report)
-    return passages, total
-
-
 def lookup_passages(path: str | os.PathLike, ids: Iterable[str], *, on_error: OnError = "raise",
                     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> dict[str, Passage]:
     """The passages with the given ids, in one streaming pass (R@kt needs the top-k texts, not 21M).

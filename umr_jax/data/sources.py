@@ -74,11 +74,8 @@ def tfds_data_dir(data_dir: str | os.PathLike[str] | None) -> str | None:
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file, read in chunks so large files do not sit in memory."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def registered_sha256(url_infos: Mapping[str, Any] | None, url: str) -> str | None:

@@ -43,13 +43,15 @@ import bisect
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import tensorflow_datasets as tfds
 
+from umr_jax import evaluate, run_files
 from umr_jax.data import sources
+from umr_jax.data.readers import Passage
 
 LOCAL_DIR_ENV = "UMR_XQUAD_R_DIR"
 BASE_URL = "https://raw.githubusercontent.com/google-research-datasets/lareqa/master/xquad-r/"
@@ -265,3 +267,66 @@ def load_xquad_r(
         questions=[XquadRQuestion(**{**r, "relevant": tuple(r["relevant"])}) for r in rows["questions"]],
         candidates=[XquadRCandidate(**r) for r in rows["candidates"]],
     )
+
+
+# ----------------------------------------------------------------------------- the benchmark as a task
+
+
+def candidate_passages(candidates: Iterable[XquadRCandidate], template: str) -> list[Passage]:
+    """Candidates as texts to encode or score, `template` filled with `sentence` and `context`.
+
+    Sentence and paragraph are stripped first: some official ones carry leading
+    or trailing whitespace (33 sentences; the paragraphs of 724 of the 13,014
+    candidates), which would otherwise reach the tokenizer and double the
+    separating space of "{sentence} {context}".
+    """
+    return [Passage(c.id, template.format(sentence=c.sentence.strip(), context=c.context.strip()))
+            for c in candidates]
+
+
+def select_questions(data: XquadR, languages: Sequence[str], per_language: int) -> list[XquadRQuestion]:
+    """The questions in `languages` (all if empty); `per_language` > 0 keeps the first n question ids,
+    the same ones in every language, so the languages stay comparable."""
+    known = sorted({q.lang for q in data.questions})
+    unknown = sorted(set(languages) - set(known))
+    if unknown:
+        raise ValueError(f"languages {unknown} are not in XQuAD-R; it has {known}")
+    chosen = [q for q in data.questions if not languages or q.lang in languages]
+    if per_language:
+        qids = list(dict.fromkeys(q.qid for q in chosen))[:per_language]
+        keep = set(qids)
+        chosen = [q for q in chosen if q.qid in keep]
+    return chosen
+
+
+def same_language_share(ranking: run_files.Ranking, k: int = 20) -> float:
+    """The fraction of the top k that is in the question's language (LAReQA's "language bias").
+
+    A language-agnostic retriever puts 10 of the 11 relevant sentences in other
+    languages; candidate ids start with their language.
+    """
+    top = ranking.passage_ids[:k]
+    return sum(p.split(":", 1)[0] == ranking.lang for p in top) / max(len(top), 1)
+
+
+def per_query_metrics(rankings: Sequence[run_files.Ranking], questions: Sequence[XquadRQuestion],
+                      measures: Sequence[str]) -> dict[str, dict[str, float]]:
+    """`measures` and the same-language share of the top 20 (`same_lang@20`) for each question.
+
+    Rankings of other queries are ignored; a question without one scores 0.
+    """
+    qrels = {q.id: set(q.relevant) for q in questions}
+    ranked = [r for r in rankings if r.query_id in qrels]
+    per_query = evaluate.ranked_metrics(run_files.as_run(ranked), qrels, measures)
+    for r in ranked:
+        per_query[r.query_id]["same_lang@20"] = same_language_share(r)
+    for q in questions:  # no ranking: nothing in the top 20 at all
+        per_query[q.id].setdefault("same_lang@20", 0.0)
+    return per_query
+
+
+def evaluate_rankings(rankings: Sequence[run_files.Ranking], questions: Sequence[XquadRQuestion],
+                      measures: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per query language and macro-averaged: the benchmark reports languages, not the pooled mean."""
+    per_query = per_query_metrics(rankings, questions, measures)
+    return evaluate.by_language(per_query, {q.id: q.lang for q in questions})

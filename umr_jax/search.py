@@ -1,0 +1,48 @@
+"""Query search over an encoded corpus: the index of an embedding store and the top-k rankings of queries.
+
+A library of its own so that the UMR binary (umr_jax/main.py), the retrieval
+binary (umr_jax/retrieve.py) and the XQuAD-R evaluator share one search path
+without importing each other.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import ml_collections
+from absl import logging
+from jax.sharding import Mesh
+
+from umr_jax import encode, faults, index, retriever, run_files
+from umr_jax.data.readers import Query
+
+
+def search_queries(model: retriever.Retriever, idx: index.SearchIndex, passage_ids: Sequence[str],
+                   queries: Sequence[Query], k: int, batch: int = 1024,
+                   desc: str = "encode queries") -> list[run_files.Ranking]:
+    """Encodes the queries with the query tower and returns their top-k rankings."""
+    emb = model.encode([q.text for q in queries], "query", desc=desc)
+    result = index.search_all(idx, emb, k, batch=batch)
+    return run_files.rankings_from_search([q.id for q in queries], [q.lang for q in queries], passage_ids,
+                                          result.scores, result.indices)
+
+
+def load_or_build_index(store: encode.EmbeddingStore, directory: str, cfg: ml_collections.ConfigDict,
+                        mesh: Mesh, k: int, process_index: int = 0,
+                        process_count: int = 1) -> tuple[list[str], index.SearchIndex]:
+    """The index of the whole store, or of process p's shard of n (in `directory`/shard-p-of-n).
+
+    A saved index is reused, so a resumed run does not rebuild (ScaNN training
+    is the slow part).
+    """
+    ids, embeddings = store.load(process_index, process_count)
+    if process_count > 1:
+        directory = os.path.join(directory, f"shard-{process_index}-of-{process_count}")
+    if os.path.exists(os.path.join(directory, "index.json")):
+        logging.info("reusing the index in %s", directory)
+        return ids, index.load_index(directory, cfg, mesh)
+    idx = index.build_index(embeddings, cfg, mesh, k=k)
+    faults.point("index.built")
+    idx.save(directory)
+    return ids, idx

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from umr_jax.batching import batch_rows_for, pack_rows, plan_batches, plan_packed
+from umr_jax.batching import batch_rows_for, dispatch_ahead, pack_rows, pad_rows, plan_batches, plan_packed
 
 
 def test_every_text_once_in_smallest_bucket():
@@ -75,3 +75,24 @@ def test_pack_rows_best_fit():
     assert sorted((size, sorted(r)) for size, r in rows) == [(8, [1, 3]), (16, [0, 2])]
     with pytest.raises(ValueError, match="does not fit a packed row of 8"):
         pack_rows(np.array([9]), (4, 8), 4)
+
+
+def test_pad_rows_gives_filler_rows_one_visible_token():
+    ids, mask = pad_rows([[5, 6, 7], [8]], size=4, length=5, pad_id=1)
+    assert ids.dtype == mask.dtype == np.int32
+    assert ids.tolist() == [[5, 6, 7, 1, 1], [8, 1, 1, 1, 1], [1] * 5, [1] * 5]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0], [1, 0, 0, 0, 0]]
+
+
+def test_dispatch_ahead_collects_every_batch_in_order_two_batches_later():
+    events = []
+
+    def run(arrays):
+        events.append(("run", arrays))
+        return arrays * 10
+
+    dispatch_ahead(((k, k) for k in range(5)), run, lambda key, out: events.append(("collect", key, out)))
+    assert [e for e in events if e[0] == "collect"] == [("collect", k, 10 * k) for k in range(5)]
+    # Batch i is collected only once batches i + 1 and i + 2 are on their way.
+    assert events[:4] == [("run", 0), ("run", 1), ("run", 2), ("collect", 0, 0)]
+    assert events.index(("collect", 2, 20)) == events.index(("run", 4)) + 1

@@ -95,8 +95,9 @@ def test_scores_match_per_pair_pytorch_reference(kind, xlmr_tokenizer, eight_dev
     mesh = sharding.make_mesh((-1, 1), ("data", "model"))
     ours = make_teacher(kind, torch_model, xlmr_tokenizer, mesh)
     pairs = ours.tokenize(QUERIES, PASSAGES, LANGS)
-    # Several buckets and a filler-padded tail are really exercised.
-    groups = ours.plan(pairs)
+    # Several buckets and a filler-padded tail are really exercised (Gemma: by the padded layout, which
+    # test_packed_rows_equal_padded_buckets compares with the packed rows scored here).
+    groups = make_teacher(kind, torch_model, xlmr_tokenizer, mesh, packing=False).layout.plan(pairs)
     assert len({(g.input_length, g.target_length) for g in groups}) >= 2
     assert any((g.rows < 0).any() for g in groups)
     got = ours.score(QUERIES, PASSAGES, LANGS, progress=False)
@@ -113,7 +114,8 @@ def test_packed_rows_equal_padded_buckets(xlmr_tokenizer, eight_devices):
     packed = make_teacher("gemma3", torch_model, xlmr_tokenizer, mesh, pack_row_lengths=(64, 96))
     padded = make_teacher("gemma3", torch_model, xlmr_tokenizer, mesh, packing=False)
     pairs = packed.tokenize(QUERIES, PASSAGES, LANGS)
-    batches = packed.plan_packed(pairs)
+    assert isinstance(packed.layout, teacher.PackedRows) and isinstance(padded.layout, teacher.DecoderRows)
+    batches = packed.layout.plan(pairs)
     # Rows really hold several sequences, and every target token has exactly one slot.
     assert max(int(b.segments.max()) for b in batches) >= 2
     slots = np.concatenate([b.flat_pairs[b.flat_pairs >= 0] for b in batches])
@@ -155,11 +157,11 @@ def test_sharded_equals_single_device(kind, xlmr_tokenizer, eight_devices):
 def test_prompt_is_the_official_text(xlmr_tokenizer):
     torch_model = tiny_gemma(len(xlmr_tokenizer))
     ours = make_teacher("gemma3", torch_model, xlmr_tokenizer, sharding.make_mesh((-1, 1), ("data", "model")))
-    assert ours.prompt("Iliad", "An epic poem.", "Greek") == (
+    assert ours.prompter.prompt("Iliad", "An epic poem.", "Greek") == (
         "Passage: Iliad An epic poem.. Please write a question based on this passage in Greek.")
-    assert ours.prompt("", "No title here", "Arabic") == (
+    assert ours.prompter.prompt("", "No title here", "Arabic") == (
         "Passage: No title here. Please write a question based on this passage in Arabic.")
-    assert ours.target("Who?") == "Question: Who?"
+    assert ours.prompter.target("Who?") == "Question: Who?"
     pairs = ours.tokenize(["Who?"], ["Text"], [" ar"])  # codes are normalised as the readers do
     text = xlmr_tokenizer.decode(pairs.inputs[0] + pairs.targets[0], skip_special_tokens=True)
     assert text == "Passage: Text. Please write a question based on this passage in Arabic. Question: Who?"

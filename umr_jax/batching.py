@@ -1,21 +1,25 @@
-"""Length bucketing: few padded shapes, little padding, no recompilation.
+"""Host-side batches for every jitted program: few padded shapes, little padding, no recompilation.
 
 Texts are sorted by token length and cut into batches whose padded length is
 the smallest configured bucket that fits; each bucket has one row count chosen
 so that rows x length stays near a token budget. A run therefore compiles at
 most (buckets x a few tail sizes) programs, and padding waste is bounded by
-the bucket spacing instead of by the longest text of the corpus.
+the bucket spacing instead of by the longest text of the corpus. The retriever,
+the teacher and training all pad and pack through this file, and the loop that
+keeps the device busy while the host builds the next batch is here too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 
 _T = TypeVar("_T")
+_K = TypeVar("_K")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,23 +101,27 @@ def plan_batches(token_ids: Sequence[Sequence[int]], buckets: Sequence[int], tok
         if not len(members):
             continue
         for take, size in chunk_rows(members, bucket, tokens_per_batch, multiple_of):
-            batches.append(_pad(token_ids, take, size, bucket, pad_id))
+            rows = np.full((size,), -1, dtype=np.int64)
+            rows[:len(take)] = take
+            ids, mask = pad_rows([token_ids[i] for i in take], size, bucket, pad_id)
+            batches.append(Batch(rows=rows, ids=ids, mask=mask))
     return batches
 
 
-def _pad(token_ids: Sequence[Sequence[int]], take: np.ndarray, size: int, length: int,
-         pad_id: int) -> Batch:
+def pad_rows(sequences: Sequence[Sequence[int]], size: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """`sequences` in the first rows of a (size, length) int32 array, and its mask.
+
+    Rows past the sequences are filler (data-axis and bucket rounding); they get
+    one visible token so that no attention softmax row is fully masked, and
+    their outputs are dropped by the caller.
+    """
     ids = np.full((size, length), pad_id, dtype=np.int32)
     mask = np.zeros((size, length), dtype=np.int32)
-    rows = np.full((size,), -1, dtype=np.int64)
-    for r, i in enumerate(take):
-        t = token_ids[i]
+    for r, t in enumerate(sequences):
         ids[r, :len(t)] = t
         mask[r, :len(t)] = 1
-        rows[r] = i
-    # Filler rows get one visible token so no softmax row is fully masked.
-    mask[len(take):, 0] = 1
-    return Batch(rows=rows, ids=ids, mask=mask)
+    mask[len(sequences):, 0] = 1
+    return ids, mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,3 +249,22 @@ def plan_pair_groups(input_lengths: np.ndarray, target_lengths: np.ndarray, inpu
             b = bucket_for(int(target_lengths[take].max()), target_buckets)
             groups.append(PairGroup(rows=rows, input_length=a, target_length=b))
     return groups
+
+
+def dispatch_ahead(batches: Iterable[tuple[_K, Any]], run: Callable[[Any], Any], collect: Callable[[_K, Any], None],
+                   in_flight: int = 2) -> None:
+    """Calls `run(arrays)` per (key, arrays) and `collect(key, output)` in order, up to `in_flight` batches later.
+
+    A jitted call returns before the device finishes; reading its output
+    blocks. Collecting a batch only after the next ones are dispatched lets the
+    host build and transfer batch i + 1 (tokens to arrays, padding, device_put)
+    while the device still computes batch i, instead of leaving one of the two
+    idle at every step.
+    """
+    pending: deque[tuple[_K, Any]] = deque()
+    for key, arrays in batches:
+        pending.append((key, run(arrays)))
+        if len(pending) > in_flight:
+            collect(*pending.popleft())
+    while pending:
+        collect(*pending.popleft())

@@ -5,7 +5,7 @@ teacher-scored top-k. The teacher distribution of query i is
 log_softmax(temperature x score) over its own n passages; the student scores
 query i against all B x n passages of the batch (in-batch negatives), and
 other queries' passages get teacher logit -1000 (probability ~0). The loss is
-KL(teacher || student), averaged over the batch (DESIGN.md section 2).
+KL(teacher || student), averaged over the batch (the README's "Distillation").
 
 Everything a resumed run needs is a function of the step number: the batch of
 step s is fixed by (seed, s) and the dropout key is fold_in(seed, s). An Orbax
@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from umr_jax import distributed, faults, sharding
-from umr_jax.batching import bucket_for
+from umr_jax.batching import bucket_for, pad_rows
 
 TEACHER_MASK_LOGIT = -1000.0  # the official code's value for other queries' passages
 
@@ -102,8 +102,9 @@ def distill_loss(query_emb: jax.Array, passage_emb: jax.Array, teacher_scores: j
     teacher = jnp.where(own, jnp.tile(teacher_scores.astype(jnp.float32), (1, b)) * temperature,
                         TEACHER_MASK_LOGIT)
     teacher = jax.nn.log_softmax(teacher, axis=-1)
-    kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
-    return kl.mean()
+    # optax's KL sums exp(teacher) * (teacher - student) over the last axis,
+    # one value per query; the official loss is their mean.
+    return optax.losses.kl_divergence_with_log_targets(student, teacher).mean()
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
@@ -166,14 +167,10 @@ def step_selection(num_queries: int, k: int, step: int, cfg: ml_collections.Conf
 
 
 def _pad(tokens: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """All of a step's texts at one bucketed length: a step is one program, so its rows share a shape."""
     longest = max(len(t) for t in tokens)
     length = bucket_for(longest, sorted(int(x) for x in buckets)) if longest <= max(buckets) else longest
-    ids = np.full((len(tokens), length), pad_id, np.int32)
-    mask = np.zeros((len(tokens), length), np.int32)
-    for i, t in enumerate(tokens):
-        ids[i, :len(t)] = t
-        mask[i, :len(t)] = 1
-    return ids, mask
+    return pad_rows(tokens, len(tokens), length, pad_id)
 
 
 def make_batch(data: TrainingSet, step: int, cfg: ml_collections.ConfigDict, seed: int,

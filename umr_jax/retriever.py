@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from umr_jax import sharding
-from umr_jax.batching import plan_batches, plan_packed
+from umr_jax.batching import dispatch_ahead, plan_batches, plan_packed
 from umr_jax.models.bert import BertConfig, BertEncoder, DualEncoder
 from umr_jax.models.bert_weights import load_hf_weights
 from umr_jax.models.hf_checkpoint import (
@@ -214,27 +214,21 @@ class Retriever:
         if own_bar:
             bar = tqdm(total=len(token_ids), desc=desc or f"encode {tower}", unit="text",
                        disable=not progress, smoothing=0.1)
+
+        def collect(rows: np.ndarray, emb: jax.Array) -> None:
+            keep = rows >= 0
+            out[rows[keep]] = np.asarray(emb)[keep]
+            bar.update(int(keep.sum()))
+
         try:
-            pending = []
-            for rows, arrays in plan:
-                pending.append((rows, fn(state, *sharding.shard_batch(arrays, self.mesh, self.rules))))
-                if len(pending) > 2:  # keep the device busy while the host prepares the next batch
-                    self._collect(*pending.pop(0), out, bar)
-            for item in pending:
-                self._collect(*item, out, bar)
+            dispatch_ahead(plan, lambda arrays: fn(state, *sharding.shard_batch(arrays, self.mesh, self.rules)),
+                           collect)
         finally:
             if own_bar:
                 bar.close()
         if own_bar:
             logging.info("encoded %d %s texts in %.1fs", len(token_ids), tower, time.perf_counter() - start)
         return out
-
-    @staticmethod
-    def _collect(rows: np.ndarray, emb: jax.Array, out: np.ndarray, bar) -> None:
-        emb = np.asarray(emb)
-        keep = rows >= 0
-        out[rows[keep]] = emb[keep]
-        bar.update(int(keep.sum()))
 
     def export(self, out_dir: str, tower: str = "passage") -> str:
         """One tower as a Hugging Face directory (config, safetensors, tokenizer) that

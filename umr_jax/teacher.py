@@ -1,6 +1,6 @@
 """The teacher: log P(query | passage) from a generative LM, UMR's pseudo labels.
 
-DESIGN.md section 2, step 3. For every (query, passage) pair the LM reads
+Step 3 of a UMR round. For every (query, passage) pair the LM reads
 
     Passage: {title} {text}. Please write a question based on this passage in {Language}.
 
@@ -14,12 +14,18 @@ model families share this file:
   * decoder-only (Gemma 3, the embedded default): the prompt is the prefix and
     the target is scored after it; only target positions count.
 
-Speed comes from the shapes, not tricks: pairs are bucketed by prompt and by
-target length into a few padded shapes (one compiled program each, reused for
-millions of pairs), the LM head runs only at target positions, and the
-log-softmax is a log-sum-exp over vocabulary chunks plus the label's own logit,
-so the (tokens x 262k) logit matrix is never materialised. Parameters are placed
-on the mesh by their logical axes and batches split over ``data``.
+Speed comes from the shapes, not tricks: pairs are packed several to a row
+(decoder-only) or bucketed by prompt and by target length into a few padded
+shapes (one compiled program each, reused for millions of pairs), the LM head
+runs only at target positions, and the log-softmax is a log-sum-exp over
+vocabulary chunks plus the label's own logit, so the (tokens x 262k) logit
+matrix is never materialised. Parameters are placed on the mesh by their
+logical axes and batches split over ``data``.
+
+The file reads top to bottom: the config; :class:`Prompter` (what the LM reads:
+prompt and target text, token ids, truncation); the three batch layouts (how
+pairs become padded or packed arrays, and the model call on them); and
+:class:`Teacher`, which picks the layout and runs the one scoring loop.
 """
 
 from __future__ import annotations
@@ -39,11 +45,10 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from umr_jax import sharding
-from umr_jax.batching import PairGroup, chunk_rows, pack_rows, plan_pair_groups
+from umr_jax.batching import PackedBatch, PairGroup, dispatch_ahead, pad_rows, plan_packed, plan_pair_groups
 from umr_jax.data.languages import LANGUAGE_NAMES, language_name
 from umr_jax.models.layers import resolve_auto_dtype
 
-KINDS = ("decoder", "encoder_decoder")
 REDUCTIONS = ("mean", "sum")
 TRUNCATIONS = ("input", "passage")
 OFFICIAL_INPUT_TEMPLATE = "Passage: {title} {text}. Please write a question based on this passage in {language}."
@@ -119,22 +124,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                          f"{cfg.max_target_length} are too small to hold a prompt and a question")
 
 
-@dataclasses.dataclass(frozen=True)
-class PackedPairBatch:
-    """Decoder-only pairs packed into rows, and their target positions as flat per-device lists.
-
-    Rows split evenly over the `data` devices; `flat_*[d]` list the target
-    tokens of device d's rows (row indices local to that device), padded to a
-    common length with weight-0 slots whose pair is -1.
-    """
-
-    ids: np.ndarray  # (rows, length)
-    segments: np.ndarray  # (rows, length) 1.. per sequence, 0 = padding
-    positions: np.ndarray  # (rows, length) restarting at 0 per sequence
-    flat_rows: np.ndarray  # (devices, slots) local row of each target token
-    flat_positions: np.ndarray  # (devices, slots) position predicting it
-    flat_labels: np.ndarray  # (devices, slots) the target token
-    flat_pairs: np.ndarray  # (devices, slots) pair index, -1 = padding slot (host only)
+# ----------------------------------------------------------------------------- prompting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +159,291 @@ def _split_passage(passage: Any, index: int) -> tuple[str, str]:
     return title.strip(), text.strip()
 
 
+class Prompter:
+    """(query, passage, language) -> the prompt and target token ids the teacher scores.
+
+    Everything that decides what the LM reads is here, apart from the weights,
+    so that prompts can be checked and changed without a model. The two
+    families differ only in the special tokens around the sequences.
+    """
+
+    def __init__(self, tokenizer: Any, cfg: ml_collections.ConfigDict, encoder_decoder: bool):
+        self.tokenizer, self.cfg, self.encoder_decoder = tokenizer, cfg, encoder_decoder
+
+    def language_of(self, code: str, index: int) -> str:
+        """English name for the prompt; the error names the pair."""
+        try:
+            return language_name(code)
+        except ValueError:
+            if self.cfg.unknown_language_name:
+                return self.cfg.unknown_language_name
+            raise ValueError(f"pair {index}: unknown language code {code!r}; supported: "
+                             f"{', '.join(sorted(LANGUAGE_NAMES))} (or set teacher.unknown_language_name)") from None
+
+    def prompt(self, title: str, text: str, language: str) -> str:
+        template = self.cfg.input_template
+        if not title:  # "Passage: {title} {text}" without a title: no double space
+            template = template.replace("{title} ", "").replace("{title}", "")
+        return template.format(title=title, text=text, language=language)
+
+    def target(self, query: str) -> str:
+        return self.cfg.target_template.format(query=query)
+
+    def tokenize(self, queries: Sequence[str], passages: Sequence[Any], languages: Sequence[str]) -> TokenizedPairs:
+        """Prompt and target token ids per pair, validated and truncated per config."""
+        _check_lengths(queries, passages, languages)
+        prompts, targets = [], []
+        for i, (query, passage, lang) in enumerate(zip(queries, passages, languages, strict=True)):
+            if not isinstance(query, str) or not query.strip():
+                raise ValueError(f"query {i} is empty")
+            title, text = _split_passage(passage, i)
+            prompts.append(self.prompt(title, text, self.language_of(lang, i)))
+            targets.append(self.target(query.strip()))
+        max_in = int(self.cfg.max_input_length)
+        input_ids = self._prompt_ids(prompts)
+        truncated = 0
+        for i, ids in enumerate(input_ids):
+            if len(ids) > max_in:
+                truncated += 1
+                input_ids[i] = self._truncate(ids, passages[i], languages[i], i, max_in)
+        if truncated:
+            logging.info("teacher: %d of %d prompts longer than %d tokens were truncated (%s)", truncated,
+                         len(prompts), max_in, self.cfg.truncation)
+        return TokenizedPairs(list(input_ids), list(self._target_ids(targets)), truncated)
+
+    def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Untruncated prompt ids: the tokenizer's specials (mT5: a final </s>), or BOS + prompt.
+
+        Decoder-only prompts get BOS (if the tokenizer has one) and nothing
+        else, whatever the tokenizer's post-processor would append, since the
+        target continues the same sequence.
+        """
+        if self.encoder_decoder:
+            return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return [bos + x for x in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+    def _target_ids(self, targets: list[str]) -> list[list[int]]:
+        """Target ids, at most max_target_length: mT5 ends them with </s>, decoder-only with EOS if configured."""
+        tok, max_out = self.tokenizer, int(self.cfg.max_target_length)
+        if self.encoder_decoder:
+            # As the official code: the tokenizer appends </s> to the target.
+            return tok(targets, add_special_tokens=True, truncation=True, max_length=max_out)["input_ids"]
+        target_ids = tok([self.cfg.separator + t for t in targets], add_special_tokens=False)["input_ids"]
+        if self.cfg.target_eos:
+            target_ids = [[*t[:max_out - 1], tok.eos_token_id] for t in target_ids]
+        return [t[:max_out] for t in target_ids]
+
+    def _truncate(self, ids: list[int], passage: Any, language: str, index: int, max_len: int) -> list[int]:
+        specials = set(self.tokenizer.all_special_ids)
+        ends_special = ids[-1] in specials and self.encoder_decoder
+        if self.cfg.truncation == "input":
+            # Official behaviour: keep the first tokens (and the final </s>).
+            return [*ids[:max_len - 1], ids[-1]] if ends_special else ids[:max_len]
+        # 'passage': shorten the passage text until the whole prompt fits, so
+        # the instruction at the end survives. Cut by the overflow in tokens,
+        # measured again after each cut (tokenization is not additive).
+        title, text = _split_passage(passage, index)
+        name = self.language_of(language, index)
+        for _ in range(8):
+            overflow = len(ids) - max_len
+            if overflow <= 0:
+                return ids
+            text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            keep = max(0, len(text_ids) - overflow - 1)
+            text = self.tokenizer.decode(text_ids[:keep]).strip()
+            ids = self._prompt_ids([self.prompt(title, text, name)])[0]
+        return [*ids[:max_len - 1], ids[-1]] if ends_special else ids[:max_len]
+
+
+# ----------------------------------------------------------------------------- batch layouts
+#
+# One class per way of laying pairs out on the device, each with the same four
+# methods: plan (pairs -> batches), arrays (a batch -> host arrays), forward
+# (the traced model call on those arrays) and results (device output -> per-pair
+# sums of target log-probs and target counts). The scoring loop in Teacher is
+# the same for all three.
+
+
+def _lengths(sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    return np.array([len(s) for s in sequences], np.int64)
+
+
+def _pair_groups(cfg: ml_collections.ConfigDict, input_lengths: np.ndarray, target_lengths: np.ndarray,
+                 input_cap: int, devices: int) -> list[PairGroup]:
+    """The configured buckets, capped at the longest possible input (itself always a bucket), so nothing overflows."""
+    max_out = int(cfg.max_target_length)
+    in_buckets = sorted({min(int(x), input_cap) for x in cfg.input_buckets} | {input_cap})
+    out_buckets = sorted({min(int(x), max_out) for x in cfg.target_buckets} | {max_out})
+    return plan_pair_groups(input_lengths, target_lengths, in_buckets, out_buckets, int(cfg.tokens_per_batch),
+                            devices)
+
+
+def _row_sums(model: nnx.Module, hidden: jax.Array, labels: jax.Array, label_mask: jax.Array,
+              vocab_chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Per row: the sum of its target tokens' log-probs and their count."""
+    logp = target_log_probs(model, hidden, labels, vocab_chunk)
+    weights = label_mask.astype(jnp.float32)
+    return (logp * weights).sum(-1), weights.sum(-1)
+
+
+def _row_results(group: PairGroup, output: tuple[jax.Array, jax.Array]) -> tuple[np.ndarray, ...]:
+    """Filler rows (-1) are dropped: their padding-only outputs mean nothing."""
+    total, count = (np.asarray(x, np.float64) for x in output)
+    keep = group.rows >= 0
+    return group.rows[keep], total[keep], count[keep]
+
+
+class EncoderDecoderRows:
+    """mT5: one pair per row, the prompt padded as encoder input, the target as decoder labels."""
+
+    output_ranks = (1, 1)
+
+    def __init__(self, cfg: ml_collections.ConfigDict, pad_id: int, devices: int, decoder_start: int):
+        self.cfg, self.pad_id, self.devices, self.decoder_start = cfg, pad_id, devices, decoder_start
+
+    def plan(self, pairs: TokenizedPairs) -> list[PairGroup]:
+        return _pair_groups(self.cfg, _lengths(pairs.inputs), _lengths(pairs.targets), int(self.cfg.max_input_length),
+                            self.devices)
+
+    def arrays(self, pairs: TokenizedPairs, group: PairGroup) -> tuple[np.ndarray, ...]:
+        size, take = len(group.rows), group.rows[group.rows >= 0]
+        targets = [pairs.targets[i] for i in take]
+        ids, mask = pad_rows([pairs.inputs[i] for i in take], size, group.input_length, self.pad_id)
+        # Teacher forcing: the decoder reads the start token, then the target shifted right.
+        decoder_ids, decoder_mask = pad_rows([[self.decoder_start, *y[:-1]] for y in targets], size,
+                                             group.target_length, self.pad_id)
+        labels, label_mask = pad_rows(targets, size, group.target_length, 0)
+        return ids, mask, decoder_ids, decoder_mask, labels, label_mask
+
+    @staticmethod
+    def forward(model: nnx.Module, arrays: tuple[jax.Array, ...], vocab_chunk: int) -> tuple[jax.Array, jax.Array]:
+        ids, mask, decoder_ids, decoder_mask, labels, label_mask = arrays
+        hidden = model.decode(model.encode(ids, mask), mask, decoder_ids, decoder_mask)
+        return _row_sums(model, hidden, labels, label_mask, vocab_chunk)
+
+    results = staticmethod(_row_results)
+
+
+class DecoderRows:
+    """Decoder-only, one pair per row: prompt then target in one padded sequence (`packing=False`)."""
+
+    output_ranks = (1, 1)
+
+    def __init__(self, cfg: ml_collections.ConfigDict, pad_id: int, devices: int):
+        self.cfg, self.pad_id, self.devices = cfg, pad_id, devices
+
+    def plan(self, pairs: TokenizedPairs) -> list[PairGroup]:
+        targets = _lengths(pairs.targets)
+        cap = int(self.cfg.max_input_length) + int(self.cfg.max_target_length)  # one sequence holds both
+        return _pair_groups(self.cfg, _lengths(pairs.inputs) + targets, targets, cap, self.devices)
+
+    def arrays(self, pairs: TokenizedPairs, group: PairGroup) -> tuple[np.ndarray, ...]:
+        size, take = len(group.rows), group.rows[group.rows >= 0]
+        xs, ys = [pairs.inputs[i] for i in take], [pairs.targets[i] for i in take]
+        ids, mask = pad_rows([x + y for x, y in zip(xs, ys, strict=True)], size, group.input_length, self.pad_id)
+        # Target token j is predicted by the hidden state at position len(prompt) + j - 1.
+        positions, _ = pad_rows([np.arange(len(x) - 1, len(x) + len(y) - 1) for x, y in zip(xs, ys, strict=True)],
+                                size, group.target_length, 0)
+        labels, label_mask = pad_rows(ys, size, group.target_length, 0)
+        return ids, mask, positions, labels, label_mask
+
+    @staticmethod
+    def forward(model: nnx.Module, arrays: tuple[jax.Array, ...], vocab_chunk: int) -> tuple[jax.Array, jax.Array]:
+        ids, mask, positions, labels, label_mask = arrays
+        hidden = jnp.take_along_axis(model.hidden_states(ids, mask), positions[..., None], axis=1)
+        return _row_sums(model, hidden, labels, label_mask, vocab_chunk)
+
+    results = staticmethod(_row_results)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedPairBatch:
+    """Decoder-only pairs packed into rows, and their target positions as flat per-device lists.
+
+    Rows split evenly over the `data` devices; `flat_*[d]` list the target
+    tokens of device d's rows (row indices local to that device), padded to a
+    common length with weight-0 slots whose pair is -1.
+    """
+
+    ids: np.ndarray  # (rows, length)
+    segments: np.ndarray  # (rows, length) 1.. per sequence, 0 = padding
+    positions: np.ndarray  # (rows, length) restarting at 0 per sequence
+    flat_rows: np.ndarray  # (devices, slots) local row of each target token
+    flat_positions: np.ndarray  # (devices, slots) position predicting it
+    flat_labels: np.ndarray  # (devices, slots) the target token
+    flat_pairs: np.ndarray  # (devices, slots) pair index, -1 = padding slot (host only)
+
+
+class PackedRows:
+    """Decoder-only, several (prompt + target) sequences per row (`packing=True`, the default).
+
+    Block-diagonal causal attention with positions restarting per sequence, and
+    the LM head on a flat list of exactly the target positions.
+    """
+
+    output_ranks = 2
+
+    def __init__(self, cfg: ml_collections.ConfigDict, pad_id: int, devices: int):
+        self.cfg, self.pad_id, self.devices = cfg, pad_id, devices
+
+    def plan(self, pairs: TokenizedPairs) -> list[PackedPairBatch]:
+        """Packed rows (best-fit, longest first) cut into batches of one shape per row length."""
+        sequences = [x + y for x, y in zip(pairs.inputs, pairs.targets, strict=True)]
+        longest = max((len(s) for s in sequences), default=0)
+        row_lengths = sorted({int(r) for r in self.cfg.pack_row_lengths})
+        if longest > row_lengths[-1]:
+            row_lengths.append(-(-longest // 64) * 64)
+        batches = plan_packed(sequences, row_lengths, int(self.cfg.tokens_per_batch), int(self.cfg.pack_max_segments),
+                              self.pad_id, self.devices)
+        return [self._with_target_slots(pairs, batch) for batch in batches]
+
+    def _with_target_slots(self, pairs: TokenizedPairs, batch: PackedBatch) -> PackedPairBatch:
+        """Each device gets the (local row, position, label, pair) of its rows' target tokens, padded to one width."""
+        per_device = len(batch.ids) // self.devices
+        slots: list[list[tuple[int, int, int, int]]] = [[] for _ in range(self.devices)]
+        for r, members in enumerate(batch.rows):
+            offset = 0
+            for i in members[members >= 0]:
+                x, y = pairs.inputs[i], pairs.targets[i]
+                # Target token j sits at offset + len(x) + j; the state before it predicts it.
+                start = offset + len(x) - 1
+                slots[r // per_device].extend((r % per_device, start + j, t, i) for j, t in enumerate(y))
+                offset += len(x) + len(y)
+        multiple = int(self.cfg.target_slot_multiple)
+        width = max(multiple, -(-max(len(s) for s in slots) // multiple) * multiple)
+        flat = np.zeros((4, self.devices, width), np.int64)
+        flat[3] = -1
+        for d, entries in enumerate(slots):
+            if entries:
+                flat[:, d, :len(entries)] = np.array(entries, np.int64).T
+        return PackedPairBatch(batch.ids, batch.segments, batch.positions, flat[0].astype(np.int32),
+                               flat[1].astype(np.int32), flat[2].astype(np.int32), flat[3])
+
+    @staticmethod
+    def arrays(pairs: TokenizedPairs, batch: PackedPairBatch) -> tuple[np.ndarray, ...]:
+        return batch.ids, batch.segments, batch.positions, batch.flat_rows, batch.flat_positions, batch.flat_labels
+
+    @staticmethod
+    def forward(model: nnx.Module, arrays: tuple[jax.Array, ...], vocab_chunk: int) -> jax.Array:
+        """Target log-prob per flat slot, (devices, slots)."""
+        ids, segments, positions, flat_rows, flat_positions, flat_labels = arrays
+        hidden = model.hidden_states(ids, None, segments=segments, positions=positions)
+        # (devices, rows per device, length, hidden): each device gathers its own rows' targets.
+        hidden = hidden.reshape(flat_rows.shape[0], -1, *hidden.shape[1:])
+        picked = jax.vmap(lambda h, r, p: h[r, p])(hidden, flat_rows, flat_positions)
+        return target_log_probs(model, picked, flat_labels, vocab_chunk)
+
+    @staticmethod
+    def results(batch: PackedPairBatch, output: jax.Array) -> tuple[np.ndarray, ...]:
+        """One entry per target token (a pair's tokens are summed by the caller); padding slots are dropped."""
+        real = batch.flat_pairs >= 0
+        return batch.flat_pairs[real], np.asarray(output, np.float64)[real], np.ones(int(real.sum()))
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
 class Teacher:
     """Tokenizer + generative LM on a mesh; scores (query, passage) pairs."""
 
@@ -176,10 +451,19 @@ class Teacher:
                  rules=sharding.DEFAULT_RULES):
         validate_config(cfg)
         self.model, self.tokenizer, self.cfg, self.mesh, self.rules = model, tokenizer, cfg, mesh, rules
-        self.kind = "encoder_decoder" if cfg.model == "mt5" else "decoder"
         self.param_shardings = sharding.shard_module(model, mesh, rules)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._score_fns: dict[bool, Any] = {}  # jitted program per batch kind (packed or not)
+        encoder_decoder = cfg.model == "mt5"
+        self.prompter = Prompter(tokenizer, cfg, encoder_decoder)
+        devices = sharding.data_parallel_size(mesh, rules)
+        self.layout: EncoderDecoderRows | DecoderRows | PackedRows
+        if encoder_decoder:
+            self.layout = EncoderDecoderRows(cfg, self.pad_id, devices, model.config.decoder_start_token_id)
+        elif cfg.packing:
+            self.layout = PackedRows(cfg, self.pad_id, devices)
+        else:
+            self.layout = DecoderRows(cfg, self.pad_id, devices)
+        self._jitted: Any = None  # the layout's scoring program, compiled on first use
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict, mesh: Mesh, rules=sharding.DEFAULT_RULES,
@@ -219,244 +503,9 @@ class Teacher:
         logging.info("teacher: %s (%s) loaded in %.1fs", description, cfg.model, time.perf_counter() - start)
         return cls(model, tokenizer, cfg, mesh, rules)
 
-    # ------------------------------------------------------------------ text
-
-    def language_of(self, code: str, index: int) -> str:
-        """English name for the prompt; the error names the pair."""
-        try:
-            return language_name(code)
-        except ValueError:
-            if self.cfg.unknown_language_name:
-                return self.cfg.unknown_language_name
-            raise ValueError(f"pair {index}: unknown language code {code!r}; supported: "
-                             f"{', '.join(sorted(LANGUAGE_NAMES))} (or set teacher.unknown_language_name)") from None
-
-    def prompt(self, title: str, text: str, language: str) -> str:
-        template = self.cfg.input_template
-        if not title:  # "Passage: {title} {text}" without a title: no double space
-            template = template.replace("{title} ", "").replace("{title}", "")
-        return template.format(title=title, text=text, language=language)
-
-    def target(self, query: str) -> str:
-        return self.cfg.target_template.format(query=query)
-
     def tokenize(self, queries: Sequence[str], passages: Sequence[Any], languages: Sequence[str]) -> TokenizedPairs:
-        """Prompt and target token ids per pair, validated and truncated per config."""
-        _check_lengths(queries, passages, languages)
-        prompts, targets = [], []
-        for i, (query, passage, lang) in enumerate(zip(queries, passages, languages, strict=True)):
-            if not isinstance(query, str) or not query.strip():
-                raise ValueError(f"query {i} is empty")
-            title, text = _split_passage(passage, i)
-            prompts.append(self.prompt(title, text, self.language_of(lang, i)))
-            targets.append(self.target(query.strip()))
-        max_in, max_out = int(self.cfg.max_input_length), int(self.cfg.max_target_length)
-        tok = self.tokenizer
-        input_ids = self._prompt_ids(prompts)
-        if self.kind == "encoder_decoder":
-            # As the official code: the tokenizer appends </s> to the target.
-            target_ids = tok(targets, add_special_tokens=True, truncation=True, max_length=max_out)["input_ids"]
-        else:
-            sep = self.cfg.separator
-            target_ids = tok([sep + t for t in targets], add_special_tokens=False)["input_ids"]
-            if self.cfg.target_eos:
-                target_ids = [[*t[:max_out - 1], tok.eos_token_id] for t in target_ids]
-            target_ids = [t[:max_out] for t in target_ids]
-        truncated = 0
-        for i, ids in enumerate(input_ids):
-            if len(ids) > max_in:
-                truncated += 1
-                input_ids[i] = self._truncate(ids, passages[i], languages[i], i, max_in)
-        if truncated:
-            logging.info("teacher: %d of %d prompts longer than %d tokens were truncated (%s)", truncated,
-                         len(prompts), max_in, self.cfg.truncation)
-        return TokenizedPairs(list(input_ids), list(target_ids), truncated)
-
-    def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        """Untruncated prompt ids: the tokenizer's specials (mT5: a final </s>), or BOS + prompt.
-
-        Decoder-only prompts get BOS (if the tokenizer has one) and nothing
-        else, whatever the tokenizer's post-processor would append, since the
-        target continues the same sequence.
-        """
-        if self.kind == "encoder_decoder":
-            return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-        return [bos + x for x in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-
-    def _truncate(self, ids: list[int], passage: Any, language: str, index: int,
-                  max_len: int) -> list[int]:
-        specials = set(self.tokenizer.all_special_ids)
-        ends_special = ids[-1] in specials and self.kind == "encoder_decoder"
-        if self.cfg.truncation == "input":
-            # Official behaviour: keep the first tokens (and the final </s>).
-            return [*ids[:max_len - 1], ids[-1]] if ends_special else ids[:max_len]
-        # 'passage': shorten the passage text until the whole prompt fits, so
-        # the instruction at the end survives. Cut by the overflow in tokens,
-        # measured again after each cut (tokenization is not additive).
-        title, text = _split_passage(passage, index)
-        name = self.language_of(language, index)
-        for _ in range(8):
-            overflow = len(ids) - max_len
-            if overflow <= 0:
-                return ids
-            text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            keep = max(0, len(text_ids) - overflow - 1)
-            text = self.tokenizer.decode(text_ids[:keep]).strip()
-            ids = self._prompt_ids([self.prompt(title, text, name)])[0]
-        return [*ids[:max_len - 1], ids[-1]] if ends_special else ids[:max_len]
-
-    # ------------------------------------------------------------------ arrays
-
-    def _arrays(self, pairs: TokenizedPairs, group: PairGroup) -> tuple[np.ndarray, ...]:
-        size, a, b = len(group.rows), group.input_length, group.target_length
-        labels = np.zeros((size, b), np.int32)
-        label_mask = np.zeros((size, b), np.int32)
-        ids = np.full((size, a), self.pad_id, np.int32)
-        mask = np.zeros((size, a), np.int32)
-        mask[:, 0] = 1  # filler rows: one visible token, so no softmax row is empty
-        if self.kind == "encoder_decoder":
-            start = self.model.config.decoder_start_token_id
-            decoder_ids = np.full((size, b), self.pad_id, np.int32)
-            decoder_mask = np.zeros((size, b), np.int32)
-            decoder_mask[:, 0] = 1
-            for r, i in enumerate(group.rows):
-                if i < 0:
-                    continue
-                x, y = pairs.inputs[i], pairs.targets[i]
-                ids[r, :len(x)], mask[r, :len(x)] = x, 1
-                labels[r, :len(y)], label_mask[r, :len(y)] = y, 1
-                decoder_ids[r, 0], decoder_ids[r, 1:len(y)] = start, y[:-1]
-                decoder_mask[r, :len(y)] = 1
-            return ids, mask, decoder_ids, decoder_mask, labels, label_mask
-        # Decoder-only: prompt then target in one row; target token j is
-        # predicted by the hidden state at position len(prompt) + j - 1.
-        positions = np.zeros((size, b), np.int32)
-        for r, i in enumerate(group.rows):
-            if i < 0:
-                continue
-            x, y = pairs.inputs[i], pairs.targets[i]
-            n = len(x) + len(y)
-            ids[r, :len(x)], ids[r, len(x):n], mask[r, :n] = x, y, 1
-            labels[r, :len(y)], label_mask[r, :len(y)] = y, 1
-            positions[r, :len(y)] = np.arange(len(x) - 1, n - 1)
-        return ids, mask, positions, labels, label_mask
-
-    def _lengths(self, pairs: TokenizedPairs) -> tuple[np.ndarray, np.ndarray]:
-        inputs = np.array([len(x) for x in pairs.inputs], np.int64)
-        targets = np.array([len(y) for y in pairs.targets], np.int64)
-        if self.kind == "decoder":
-            inputs = inputs + targets  # one sequence holds both
-        return inputs, targets
-
-    @property
-    def packed(self) -> bool:
-        return self.kind == "decoder" and bool(self.cfg.packing)
-
-    def plan_packed(self, pairs: TokenizedPairs) -> list[PackedPairBatch]:
-        """Packed rows (best-fit, longest first) cut into batches of one shape per row length."""
-        lengths, _ = self._lengths(pairs)  # prompt + target: one sequence each
-        row_lengths = sorted({int(r) for r in self.cfg.pack_row_lengths})
-        if len(lengths) and lengths.max() > row_lengths[-1]:
-            row_lengths.append(-(-int(lengths.max()) // 64) * 64)
-        devices = sharding.data_parallel_size(self.mesh, self.rules)
-        packed = pack_rows(lengths, row_lengths, int(self.cfg.pack_max_segments))
-        batches = []
-        for row_length in sorted({size for size, _ in packed}):
-            rows = [members for size, members in packed if size == row_length]
-            for chunk, size in chunk_rows(rows, row_length, int(self.cfg.tokens_per_batch), devices):
-                batches.append(self._packed_batch(pairs, list(chunk), size, row_length, devices))
-        return batches
-
-    def _packed_batch(self, pairs: TokenizedPairs, rows: list[list[int]], size: int, row_length: int,
-                      devices: int) -> PackedPairBatch:
-        ids = np.full((size, row_length), self.pad_id, np.int32)
-        segments = np.zeros((size, row_length), np.int32)
-        positions = np.zeros((size, row_length), np.int32)
-        per_device = size // devices
-        slots: list[list[tuple[int, int, int, int]]] = [[] for _ in range(devices)]
-        for r, members in enumerate(rows):
-            offset = 0
-            for s, i in enumerate(members):
-                x, y = pairs.inputs[i], pairs.targets[i]
-                n = len(x) + len(y)
-                ids[r, offset:offset + len(x)], ids[r, offset + len(x):offset + n] = x, y
-                segments[r, offset:offset + n] = s + 1
-                positions[r, offset:offset + n] = np.arange(n)
-                # Target token j sits at offset + len(x) + j; the state before it predicts it.
-                start = offset + len(x) - 1
-                slots[r // per_device].extend((r % per_device, start + j, t, i) for j, t in enumerate(y))
-                offset += n
-        multiple = int(self.cfg.target_slot_multiple)
-        width = max(multiple, -(-max(len(s) for s in slots) // multiple) * multiple)
-        flat = np.zeros((4, devices, width), np.int64)
-        flat[3] = -1
-        for d, entries in enumerate(slots):
-            if entries:
-                flat[:, d, :len(entries)] = np.array(entries, np.int64).T
-        return PackedPairBatch(ids, segments, positions, flat[0].astype(np.int32), flat[1].astype(np.int32),
-                               flat[2].astype(np.int32), flat[3])
-
-    def plan(self, pairs: TokenizedPairs) -> list[PairGroup]:
-        in_len, out_len = self._lengths(pairs)
-        in_buckets = sorted(int(x) for x in self.cfg.input_buckets)
-        cap = int(self.cfg.max_input_length) + (int(self.cfg.max_target_length) if self.kind == "decoder" else 0)
-        in_buckets = sorted({min(x, cap) for x in in_buckets} | {cap})
-        out_buckets = sorted({min(int(x), int(self.cfg.max_target_length)) for x in self.cfg.target_buckets}
-                             | {int(self.cfg.max_target_length)})
-        return plan_pair_groups(in_len, out_len, in_buckets, out_buckets, int(self.cfg.tokens_per_batch),
-                                sharding.data_parallel_size(self.mesh, self.rules))
-
-    # ------------------------------------------------------------------ compute
-
-    def score_fn(self):
-        """The jitted scoring program for this teacher's batches, built once per batch kind.
-
-        Packed (decoder-only): (params, ids, segments, positions, flat_rows,
-        flat_positions, flat_labels) -> target log-prob per flat slot, shape
-        (devices, slots). Buckets: (params, batch arrays) -> (sum of target
-        log-probs, target count) per row.
-        """
-        packed = self.packed
-        if packed not in self._score_fns:
-            graphdef, state = nnx.split(self.model)
-            param_sharding = sharding.state_shardings(state, self.mesh, self.rules)
-            rows2 = sharding.batch_sharding(self.mesh, 2, self.rules)
-            rows1 = sharding.batch_sharding(self.mesh, 1, self.rules)
-            # A vocabulary split over `model` is reduced by GSPMD across
-            # devices; scanning over its chunks would gather it instead.
-            chunk = int(self.cfg.vocab_chunk) if self.mesh.shape["model"] == 1 else 0
-
-            def score_packed(state, ids, segments, positions, flat_rows, flat_positions, flat_labels):
-                model = nnx.merge(graphdef, state)
-                hidden = model.hidden_states(ids, None, segments=segments, positions=positions)
-                # (devices, rows per device, length, hidden): each device gathers its own rows' targets.
-                hidden = hidden.reshape(flat_rows.shape[0], -1, *hidden.shape[1:])
-                picked = jax.vmap(lambda h, r, p: h[r, p])(hidden, flat_rows, flat_positions)
-                return target_log_probs(model, picked, flat_labels, chunk)
-
-            def score_buckets(state, *arrays):
-                model = nnx.merge(graphdef, state)
-                if self.kind == "encoder_decoder":
-                    ids, mask, decoder_ids, decoder_mask, labels, label_mask = arrays
-                    encoded = model.encode(ids, mask)
-                    hidden = model.decode(encoded, mask, decoder_ids, decoder_mask)
-                else:
-                    ids, mask, positions, labels, label_mask = arrays
-                    states = model.hidden_states(ids, mask)
-                    hidden = jnp.take_along_axis(states, positions[..., None], axis=1)
-                logp = target_log_probs(model, hidden, labels, chunk)
-                weights = label_mask.astype(jnp.float32)
-                return (logp * weights).sum(-1), weights.sum(-1)
-
-            if packed:
-                fn = jax.jit(score_packed, in_shardings=(param_sharding,) + (rows2,) * 6, out_shardings=rows2)
-            else:
-                num_arrays = 6 if self.kind == "encoder_decoder" else 5
-                fn = jax.jit(score_buckets, in_shardings=(param_sharding,) + (rows2,) * num_arrays,
-                             out_shardings=(rows1, rows1))
-            self._score_fns[packed] = fn
-        return self._score_fns[packed]
+        """See :meth:`Prompter.tokenize`; tokenizing once lets callers (bench/score.py) time scoring alone."""
+        return self.prompter.tokenize(queries, passages, languages)
 
     def score(self, queries: Sequence[str], passages: Sequence[Any], languages: Sequence[str], *,
               progress: bool = True, desc: str = "teacher") -> np.ndarray:
@@ -467,47 +516,56 @@ class Teacher:
         return self.score_tokens(self.tokenize(queries, passages, languages), progress=progress, desc=desc)
 
     def score_tokens(self, pairs: TokenizedPairs, *, progress: bool = True, desc: str = "teacher") -> np.ndarray:
+        """As :meth:`score`, from token ids: the layout's batches, dispatched ahead of their collection."""
+        layout, program = self.layout, self._scoring_program()
         totals = np.zeros((len(pairs.inputs),), np.float64)
         counts = np.zeros((len(pairs.inputs),), np.float64)
         bar = tqdm(total=len(pairs.inputs), desc=desc, unit="pair", disable=not progress, smoothing=0.1)
-        fn = self.score_fn()
-        if self.packed:
-            batches = ((batch, (batch.ids, batch.segments, batch.positions, batch.flat_rows, batch.flat_positions,
-                                batch.flat_labels)) for batch in self.plan_packed(pairs))
 
-            def collect(batch: PackedPairBatch, result) -> None:
-                logp = np.asarray(result, np.float64)
-                real = batch.flat_pairs >= 0
-                np.add.at(totals, batch.flat_pairs[real], logp[real])
-                np.add.at(counts, batch.flat_pairs[real], 1.0)
-                bar.update(len(np.unique(batch.flat_pairs[real])))
-        else:
-            batches = ((group.rows, self._arrays(pairs, group)) for group in self.plan(pairs))
-
-            def collect(rows: np.ndarray, result) -> None:
-                total, count = (np.asarray(x) for x in result)
-                keep = rows >= 0
-                totals[rows[keep]] = total[keep]
-                counts[rows[keep]] = count[keep]
-                bar.update(int(keep.sum()))
+        def collect(batch: Any, output: Any) -> None:
+            index, logp, count = layout.results(batch, output)
+            np.add.at(totals, index, logp)
+            np.add.at(counts, index, count)
+            bar.update(len(np.unique(index)))
 
         _, state = nnx.split(self.model)  # current weights
         start = time.perf_counter()
         try:
-            pending = []
-            for key, arrays in batches:
-                pending.append((key, fn(state, *sharding.shard_batch(arrays, self.mesh, self.rules))))
-                if len(pending) > 2:  # keep the device busy while the host builds the next batch
-                    collect(*pending.pop(0))
-            for item in pending:
-                collect(*item)
+            dispatch_ahead(((batch, layout.arrays(pairs, batch)) for batch in layout.plan(pairs)),
+                           lambda arrays: program(state, sharding.shard_batch(arrays, self.mesh, self.rules)),
+                           collect)
         finally:
             bar.close()
         elapsed = time.perf_counter() - start
-        logging.info("teacher: scored %d pairs in %.1fs (%.1f pairs/s%s)", len(totals), elapsed,
-                     len(totals) / max(elapsed, 1e-9), ", packed" if self.packed else "")
+        logging.info("teacher: scored %d pairs in %.1fs (%.1f pairs/s, %s)", len(totals), elapsed,
+                     len(totals) / max(elapsed, 1e-9), type(layout).__name__)
         scores = totals / counts if self.cfg.reduction == "mean" else totals
         return scores.astype(np.float32)
+
+    def _scoring_program(self) -> Any:
+        """(weights, a batch's arrays) -> the layout's output, jitted once.
+
+        Parameters are placed by their logical axes and batch rows split over
+        `data`. The weights are an argument, not a closure constant, so one
+        program serves whatever weights the model holds when scoring starts.
+        """
+        if self._jitted is None:
+            graphdef, state = nnx.split(self.model)
+            layout = self.layout
+            # A vocabulary split over `model` is reduced by GSPMD across
+            # devices; scanning over its chunks would gather it instead.
+            chunk = int(self.cfg.vocab_chunk) if self.mesh.shape["model"] == 1 else 0
+
+            def score(state, arrays):
+                return layout.forward(nnx.merge(graphdef, state), arrays, chunk)
+
+            def rows(ndim: int):
+                return sharding.batch_sharding(self.mesh, ndim, self.rules)
+
+            param_sharding = sharding.state_shardings(state, self.mesh, self.rules)
+            self._jitted = jax.jit(score, in_shardings=(param_sharding, rows(2)),
+                                   out_shardings=jax.tree.map(rows, layout.output_ranks))
+        return self._jitted
 
 
 def chunk_size(vocab: int, target: int) -> int:

@@ -61,7 +61,7 @@ from umr_jax import (
     teacher,
 )
 from umr_jax.data.readers import Query
-from umr_jax.models.hf_checkpoint import HUB_ID
+from umr_jax.models.hf_checkpoint import HUB_ID, check_local_weights
 from umr_jax.retrieve import load_or_build_index, search_queries
 from umr_jax.workdir import RunDir
 
@@ -137,7 +137,8 @@ def read_scores(path: str, count: int) -> np.ndarray | None:
 
 
 def check_model_source(flag: str, spec: str, builtin: Sequence[str]) -> None:
-    """A local path must exist; hub ids ('org/name') are resolved (or refused offline) when loaded."""
+    """A local path must exist (a directory with weights readable here); hub ids ('org/name') are resolved
+    (or refused offline) when loaded."""
     if spec in builtin or any(spec.startswith(f"{b}:") for b in builtin):
         path = spec.split(":", 1)[1] if ":" in spec else ""
         if path and not os.path.isfile(path):
@@ -145,6 +146,8 @@ def check_model_source(flag: str, spec: str, builtin: Sequence[str]) -> None:
         return
     if not os.path.exists(os.path.expanduser(spec)) and not HUB_ID.match(spec):
         raise FileNotFoundError(f"{flag}={spec}: no such model directory (nor a hub id of the form 'org/name')")
+    if os.path.isdir(spec):
+        check_local_weights(spec)  # e.g. only pytorch_model.bin and no torch: one line now, not at its stage
 
 
 # ----------------------------------------------------------------------------- one UMR run

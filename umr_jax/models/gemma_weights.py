@@ -380,6 +380,7 @@ def read_gguf(path: str | None = None) -> tuple[Gemma3Config, dict[str, np.ndarr
 
     path = os.path.abspath(path) if path else default_gguf_path()
     reader = _open_gguf(path)
+    _keep_vocabulary_for_tokenizer_build(reader, path)
     arch = _gguf_value(reader, "general.architecture", path, None)
     if arch != GGUF_ARCHITECTURE:
         raise CheckpointError(f"{path}: GGUF architecture is {arch!r}, not {GGUF_ARCHITECTURE!r}; only Gemma 3 "
@@ -422,19 +423,191 @@ def _gguf_tensor_names(config: Gemma3Config) -> list[str]:
     return names
 
 
+# Bump when the tokenizer built from a GGUF changes, so caches written by an
+# older build are not reused (it is part of the cache key).
+_TOKENIZER_BUILD = "umr_jax-gguf-tokenizer-1"
+# Gemma's SentencePiece vocabulary in llama.cpp's terms: tokenizer.ggml.model
+# 'llama' for files of the Gemma architectures.
+_GEMMA_TOKENIZER_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types (tokenizer.ggml.token_type)
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _file_key(path: str) -> tuple[str, int, int]:
+    """A GGUF file's identity for caches: real path, size and modification time."""
+    stat = os.stat(path)
+    return os.path.realpath(path), stat.st_size, stat.st_mtime_ns
+
+
 def _tokenizer_cache_path(gguf_path: str) -> str:
-    """A tokenizer directory in the cache, keyed by the GGUF's path, size and mtime."""
-    stat = os.stat(gguf_path)
-    key = f"{os.path.realpath(gguf_path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    """A tokenizer directory in the cache, keyed by the GGUF's path, size and mtime and by this builder."""
+    key = "\0".join(map(str, (*_file_key(gguf_path), _TOKENIZER_BUILD))).encode()
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
     return os.path.join(cache_dir(), f"{stem}.{hashlib.sha256(key).hexdigest()[:12]}.tokenizer")
 
 
-def load_gguf_tokenizer(path: str | None = None) -> Any:
-    """The GGUF's tokenizer as a ``transformers`` tokenizer, built once and cached as a directory.
+@dataclasses.dataclass
+class GGUFVocabulary:
+    """The tokenizer metadata of a GGUF (llama.cpp's ``tokenizer.ggml.*`` keys) that a Gemma tokenizer needs."""
 
-    Building it from the GGUF (transformers' ``gguf_file=``) parses the 262k
-    vocabulary and its merges again and takes ~15 s on a CPU host; the saved
+    tokens: list[str]
+    token_types: list[int]  # 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte (empty: all normal)
+    merges: list[tuple[str, str]] | None  # None: the file has none, they follow from the vocabulary
+    bos_id: int | None
+    eos_id: int | None
+    unk_id: int | None
+    pad_id: int | None
+    add_bos: bool
+    add_eos: bool
+
+
+# The vocabulary that read_gguf parsed for the tokenizer build that follows it
+# (keyed by _file_key), taken once by read_gguf_vocabulary.
+_pending_vocabulary: tuple[tuple[str, int, int], GGUFVocabulary] | None = None
+
+
+def _keep_vocabulary_for_tokenizer_build(reader: Any, path: str) -> None:
+    """Keeps the vocabulary of an open GGUF when its tokenizer is not cached yet.
+
+    The teacher reads the weights and then loads the tokenizer; parsing the
+    file's metadata again for the tokenizer build would cost as long as the
+    weights' parse (~15 s for 262k tokens), so the one build per GGUF takes
+    the vocabulary from here. A file whose tokenizer cannot be built keeps
+    nothing: the build reports the problem if it is ever asked for.
+    """
+    global _pending_vocabulary
+    if os.path.isdir(_tokenizer_cache_path(path)):
+        return
+    try:
+        _pending_vocabulary = (_file_key(path), _vocabulary_from_reader(reader, path))
+    except CheckpointError:
+        _pending_vocabulary = None
+
+
+def read_gguf_vocabulary(path: str) -> GGUFVocabulary:
+    """The tokenizer of a Gemma GGUF as stored, read with the ``gguf`` package (no transformers, no torch).
+
+    Only Gemma's SentencePiece vocabulary (``tokenizer.ggml.model`` 'llama' in
+    a gemma/gemma2/gemma3 file) is accepted: it is the one scheme
+    :func:`build_gguf_tokenizer` reproduces. llama.cpp ignores
+    ``tokenizer.ggml.pre`` for SentencePiece vocabularies, and so do we.
+    """
+    global _pending_vocabulary
+    pending, _pending_vocabulary = _pending_vocabulary, None
+    if pending is not None and pending[0] == _file_key(path):
+        return pending[1]
+    return _vocabulary_from_reader(_open_gguf(path), path)
+
+
+def _vocabulary_from_reader(reader: Any, path: str) -> GGUFVocabulary:
+    arch = _gguf_value(reader, "general.architecture", path, None)
+    model = _gguf_value(reader, "tokenizer.ggml.model", path, None)
+    if arch not in _GEMMA_TOKENIZER_ARCHITECTURES or model != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture {arch!r} with tokenizer.ggml.model {model!r}; only Gemma's "
+                              "SentencePiece tokenizer (architecture gemma/gemma2/gemma3, model 'llama') can be built "
+                              "from a GGUF. Pass a Hugging Face tokenizer directory with --config.teacher.tokenizer")
+    tokens = _gguf_value(reader, "tokenizer.ggml.tokens", path)
+    types = _gguf_value(reader, "tokenizer.ggml.token_type", path, [])
+    if not isinstance(tokens, list) or not tokens or (types and len(types) != len(tokens)):
+        raise CheckpointError(f"{path}: tokenizer.ggml.tokens/token_type are not a vocabulary "
+                              f"({len(tokens) if isinstance(tokens, list) else tokens!r} tokens, {len(types)} types)")
+    merges = _gguf_value(reader, "tokenizer.ggml.merges", path, None)
+
+    def token_id(key: str) -> int | None:
+        value = _gguf_value(reader, f"tokenizer.ggml.{key}", path, None)
+        if value is not None and not 0 <= int(value) < len(tokens):
+            raise CheckpointError(f"{path}: tokenizer.ggml.{key} {value} is outside the {len(tokens)}-token vocabulary")
+        return None if value is None else int(value)
+
+    return GGUFVocabulary(
+        tokens=list(tokens), token_types=[int(t) for t in types],
+        merges=None if merges is None else [tuple(m.split(" ", 1)) for m in merges],
+        bos_id=token_id("bos_token_id"), eos_id=token_id("eos_token_id"), unk_id=token_id("unknown_token_id"),
+        pad_id=token_id("padding_token_id"),
+        # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise.
+        add_bos=bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", path, True)),
+        add_eos=bool(_gguf_value(reader, "tokenizer.ggml.add_eos_token", path, False)))
+
+
+def _respell_spaces(token: str) -> str:
+    """Gemma's GGUF stores runs of spaces ("  ", ids 138..) as spaces; the tokenizer sees them as "▁▁"."""
+    return _SPACE * len(token) if token and not token.strip(" ") else token
+
+
+def merges_from_vocabulary(tokens: list[str]) -> list[tuple[str, str]]:
+    """BPE merges implied by a vocabulary listed best-first, as SentencePiece's BPE applies them.
+
+    A Gemma GGUF has no merges: every token of two or more characters is a
+    merge of two shorter tokens, and the token's position in the file (not its
+    score, which does not follow the merge order for Gemma) is its priority.
+    Each token contributes every split into two vocabulary tokens, longest
+    left part first; tokens come in file order (the last position of a
+    duplicate counts). This is the rule transformers' GGUF conversion uses, so
+    the ids match its tokenizer.
+    """
+    position = {token: i for i, token in enumerate(tokens)}
+    merges: list[tuple[str, str]] = []
+    for token in sorted(position, key=position.__getitem__):
+        merges.extend((token[:k], token[k:]) for k in range(len(token) - 1, 0, -1)
+                      if token[:k] in position and token[k:] in position)
+    return merges
+
+
+def build_gguf_tokenizer(path: str) -> Any:
+    """Gemma's tokenizer from a GGUF's metadata as a ``transformers.PreTrainedTokenizerFast``, without torch.
+
+    The fast tokenizer is what transformers' ``GemmaTokenizer`` is: a BPE
+    with byte fallback over the vocabulary (spaces normalised to "▁", the text
+    split after each space, no prefix space), merges from the vocabulary order
+    (:func:`merges_from_vocabulary`) unless the file lists them, control tokens
+    as special tokens and user-defined ones (newline runs, "[multimodal]") as
+    added tokens, so neither is ever cut, and BOS/EOS as the file's
+    add_bos/add_eos flags say. transformers' own ``gguf_file=`` path builds the
+    same tokenizer but imports torch to read the file.
+    """
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    vocab = read_gguf_vocabulary(path)
+    tokens = [_respell_spaces(t) for t in vocab.tokens]
+    ids = {token: i for i, token in enumerate(tokens)}
+    merges = vocab.merges if vocab.merges is not None else merges_from_vocabulary(tokens)
+
+    def name(token_id: int | None, default: str | None = None) -> str | None:
+        if token_id is not None:
+            return tokens[token_id]
+        return default if default in ids else None
+
+    unk = name(vocab.unk_id, "<unk>")
+    try:
+        backend = Tokenizer(BPE(vocab=ids, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True,
+                                dropout=None))
+    except Exception as e:  # tokenizers raises its own exception type for merges naming unknown tokens
+        raise CheckpointError(f"{path}: the GGUF vocabulary does not form a BPE tokenizer ({e})") from None
+    backend.normalizer = normalizers.Replace(" ", _SPACE)
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    kinds = list(zip(tokens, vocab.tokens, vocab.token_types, strict=True))
+    backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, _, k in kinds if k == _CONTROL])
+    # Respelled space runs stay plain BPE pieces (reached by the merges, as in
+    # transformers): as added tokens they would match a literal "▁▁" in the text.
+    backend.add_tokens([AddedToken(t, normalized=False, special=False) for t, stored, k in kinds
+                        if k == _USER_DEFINED and t == stored])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=name(vocab.bos_id, "<bos>"), eos_token=name(vocab.eos_id, "<eos>"),
+        # A GGUF names no mask token; Gemma's tokenizer calls its id 4 "<mask>".
+        unk_token=unk, pad_token=name(vocab.pad_id, "<pad>"), mask_token=name(None, "<mask>"),
+        add_bos_token=vocab.add_bos and vocab.bos_id is not None,
+        add_eos_token=vocab.add_eos and vocab.eos_id is not None,
+        padding_side="left", clean_up_tokenization_spaces=False)
+
+
+def load_gguf_tokenizer(path: str | None = None) -> Any:
+    """The GGUF's tokenizer (:func:`build_gguf_tokenizer`), built once and cached as a directory.
+
+    Building it parses the 262k-token vocabulary with the ``gguf`` package and
+    derives ~515k merges, which takes tens of seconds on a CPU host; the saved
     tokenizer directory loads in a couple of seconds. The directory is written
     atomically, so a killed build is simply redone.
     """
@@ -446,13 +619,8 @@ def load_gguf_tokenizer(path: str | None = None) -> Any:
     cached = _tokenizer_cache_path(path)
     if not os.path.isdir(cached):
         logging.info("building the tokenizer of %s (once; cached in %s)", path, cached)
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
-                                                                   gguf_file=os.path.basename(path))
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF ({e})") from None
-        atomic.replace_dir(cached, tokenizer.save_pretrained)
-    return transformers.AutoTokenizer.from_pretrained(cached)
+        atomic.replace_dir(cached, build_gguf_tokenizer(path).save_pretrained)
+    return transformers.PreTrainedTokenizerFast.from_pretrained(cached)
 
 
 def load_tokenizer(source: str) -> Any:

@@ -99,29 +99,58 @@ def read_hf_config(directory: str) -> BertConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
-    """model.safetensors or pytorch_model.bin, each single or sharded, in that order."""
-    single = os.path.join(directory, "model.safetensors")
-    index = os.path.join(directory, "model.safetensors.index.json")
-    torch_bin = os.path.join(directory, "pytorch_model.bin")
-    torch_index = os.path.join(directory, "pytorch_model.bin.index.json")
-    if os.path.isfile(single):
-        return _read_safetensors(single)
-    if os.path.isfile(index):
-        weights: dict[str, np.ndarray] = {}
-        for name in _shard_files(index):
-            weights.update(_read_safetensors(os.path.join(directory, name)))
-        return weights
-    if os.path.isfile(torch_bin):
-        return _read_torch_bin(torch_bin)
-    if os.path.isfile(torch_index):  # large PyTorch-era checkpoints (e.g. mT5-XL conversions)
-        weights = {}
-        for name in _shard_files(torch_index):
-            weights.update(_read_torch_bin(os.path.join(directory, name)))
-        return weights
+# torch is an optional dependency (pyproject.toml extra 'torch'), needed only for pytorch_model.bin.
+TORCH_INSTALL = "pip install torch==2.13.0 (or pip install -e .[torch])"
+# The weight files read_hf_weights looks for, in its order of preference.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _weights_file(directory: str) -> str:
+    """The first of _WEIGHT_FILES present in `directory`; a clear error if there is none."""
+    for name in _WEIGHT_FILES:
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
     raise CheckpointError(
         f"{directory}: no weights found (expected model.safetensors, "
         "model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json)")
+
+
+def check_local_weights(directory: str) -> None:
+    """Fails before any model work if `directory`'s weights cannot be read here.
+
+    A directory with no weights file, or with only PyTorch weights while torch
+    (an optional dependency) is not installed, would otherwise fail only when
+    its stage starts, after the earlier stages' work.
+    """
+    path = _weights_file(directory)
+    if path.endswith((".bin", ".bin.index.json")):
+        _import_torch(path)
+
+
+def _import_torch(path: str) -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"{path}: PyTorch weights need torch, which is not installed: {TORCH_INSTALL}; "
+                              "or convert the directory to model.safetensors") from None
+    return torch
+
+
+def read_hf_weights(directory: str) -> dict[str, np.ndarray]:
+    """model.safetensors or pytorch_model.bin, each single or sharded, in that order."""
+    path = _weights_file(directory)
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
+    if path.endswith(".bin"):
+        return _read_torch_bin(path)
+    # A shard index: model.safetensors.index.json, or pytorch_model.bin.index.json
+    # of large PyTorch-era checkpoints (e.g. mT5-XL conversions).
+    read = _read_safetensors if path.endswith(".safetensors.index.json") else _read_torch_bin
+    weights: dict[str, np.ndarray] = {}
+    for name in _shard_files(path):
+        weights.update(read(os.path.join(directory, name)))
+    return weights
 
 
 def _shard_files(index: str) -> list[str]:
@@ -133,32 +162,36 @@ def _shard_files(index: str) -> list[str]:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """A safetensors file as numpy arrays; bfloat16 and float8 tensors come back as float32.
+
+    safetensors hands bfloat16/float8 tensors to numpy under the dtype names
+    that ml_dtypes registers (without it: TypeError, "data type 'bfloat16' not
+    understood"), so ml_dtypes is imported here rather than relying on JAX
+    having imported it. They are upcast exactly to float32, as the other
+    checkpoint formats are read.
+    """
+    import ml_dtypes
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
+
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing weights shard")
     try:
-        return load_file(path)
+        weights = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors file, truncated or corrupt ({e})") from None
-    except TypeError:
-        # bfloat16 tensors have no numpy dtype: read them through torch.
-        return _read_safetensors_bf16(path)
-
-
-def _read_safetensors_bf16(path: str) -> dict[str, np.ndarray]:
-    from safetensors.torch import load_file
-    return {k: v.float().numpy() for k, v in load_file(path).items()}
+    except TypeError as e:  # a dtype numpy lacks even with ml_dtypes (e.g. packed float4)
+        raise CheckpointError(f"{path}: tensors of a dtype numpy cannot hold ({e})") from None
+    low_precision = {np.dtype(getattr(ml_dtypes, name)) for name in (
+        "bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")
+        if hasattr(ml_dtypes, name)}
+    return {k: v.astype(np.float32) if v.dtype in low_precision else v for k, v in weights.items()}
 
 
 def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: missing weights shard")
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(f"{path}: reading pytorch_model.bin needs torch; "
-                              "convert it to model.safetensors or install torch") from None
+    torch = _import_torch(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt archives

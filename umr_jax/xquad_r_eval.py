@@ -20,10 +20,10 @@ import ml_collections
 from absl import app, logging
 from ml_collections import config_flags
 
-from umr_jax import atomic, cli, encode, evaluate, index, report, retriever, run_files, sharding
-from umr_jax.data.readers import Passage, Query
-from umr_jax.data.xquad_r import XquadR, XquadRQuestion, load_xquad_r
-from umr_jax.retrieve import search_queries
+from umr_jax import atomic, cli, encode, index, report, retriever, run_files, sharding
+from umr_jax.data.readers import Query
+from umr_jax.data.xquad_r import candidate_passages, evaluate_rankings, load_xquad_r, select_questions
+from umr_jax.search import search_queries
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -45,57 +45,12 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-def candidate_passages(data: XquadR, template: str) -> list[Passage]:
-    return [Passage(c.id, template.format(sentence=c.sentence, context=c.context)) for c in data.candidates]
-
-
-def select_questions(data: XquadR, languages: Sequence[str], per_language: int) -> list[XquadRQuestion]:
-    known = sorted({q.lang for q in data.questions})
-    unknown = sorted(set(languages) - set(known))
-    if unknown:
-        raise ValueError(f"languages {unknown} are not in XQuAD-R; it has {known}")
-    chosen = [q for q in data.questions if not languages or q.lang in languages]
-    if per_language:
-        qids = list(dict.fromkeys(q.qid for q in chosen))[:per_language]
-        keep = set(qids)
-        chosen = [q for q in chosen if q.qid in keep]
-    return chosen
-
-
-def same_language_share(ranking: run_files.Ranking, k: int = 20) -> float:
-    """The fraction of the top k that is in the question's language."""
-    top = ranking.passage_ids[:k]
-    return sum(p.split(":", 1)[0] == ranking.lang for p in top) / max(len(top), 1)
-
-
-def per_query_metrics(rankings: Sequence[run_files.Ranking], questions: Sequence[XquadRQuestion],
-                      measures: Sequence[str]) -> dict[str, dict[str, float]]:
-    """`measures` and the same-language share of the top 20 (`same_lang@20`) for each question.
-
-    Rankings of other queries are ignored; a question without one scores 0.
-    """
-    qrels = {q.id: set(q.relevant) for q in questions}
-    ranked = [r for r in rankings if r.query_id in qrels]
-    per_query = evaluate.ranked_metrics(run_files.as_run(ranked), qrels, measures)
-    for r in ranked:
-        per_query[r.query_id]["same_lang@20"] = same_language_share(r)
-    for q in questions:  # no ranking: nothing in the top 20 at all
-        per_query[q.id].setdefault("same_lang@20", 0.0)
-    return per_query
-
-
-def evaluate_rankings(rankings: Sequence[run_files.Ranking], questions: Sequence[XquadRQuestion],
-                      measures: Sequence[str]) -> dict[str, dict[str, float]]:
-    per_query = per_query_metrics(rankings, questions, measures)
-    return evaluate.by_language(per_query, {q.id: q.lang for q in questions})
-
-
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, float]]:
     data = load_xquad_r(data_dir=cfg.data_dir or None, local_dir=cfg.local_dir or None)
     questions = select_questions(data, tuple(cfg.languages), int(cfg.questions_per_language))
     mesh = sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model"))
     model = retriever.Retriever.from_config(cfg.retriever, mesh)
-    store = encode.encode_passages(model, candidate_passages(data, cfg.candidate_template),
+    store = encode.encode_passages(model, candidate_passages(data.candidates, cfg.candidate_template),
                                    os.path.join(workdir, "candidates"), cfg.encode)
     ids, embeddings = store.load()
     idx = index.build_index(embeddings, cfg.index, mesh, k=cfg.k)
@@ -124,5 +79,4 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    cli.run("umr_jax.xquad_r_eval", main, define_flags)

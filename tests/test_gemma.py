@@ -358,7 +358,7 @@ def test_real_gemma_270m_matches_transformers_gguf(real_gguf, torch_gguf, record
     path, config, weights, tokenizer, timings = real_gguf
     for key, value in timings.items():
         record_property(key, round(value, 2))
-    # DESIGN section 3's facts, read from the metadata.
+    # The architecture facts of Gemma-3-270M, read from the metadata.
     assert layer_indices(config, "full_attention") == [5, 11, 17]
     assert (config.rope_theta, config.rope_local_base_freq, config.sliding_window) == (1e6, 1e4, 512)
     assert config.query_pre_attn_scalar == 256 and config.head_dim == 256 and config.hidden_size == 640

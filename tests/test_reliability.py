@@ -1,4 +1,4 @@
-"""Reliability (DESIGN.md section 7): kill -9 in every stage, corrupt state, bad input, numeric and resource faults."""
+"""Reliability: kill -9 in every stage, corrupt state, bad input, numeric and resource faults."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
     python -m umr_jax.export --config.checkpoint=facebook/mcontriever --out=/tmp/mc
 
 Loads the checkpoint the retriever config names (any source
-:mod:`umr_jax.models.hf_checkpoint` reads), then writes one tower with
+:mod:`umr_jax.models.bert_checkpoint` reads), then writes one tower with
 config.json, model.safetensors and the tokenizer, which
 ``transformers.AutoModel`` / ``AutoTokenizer`` load. Trained towers are
 exported by the UMR binary at the end of its rounds through the same code.

@@ -1,7 +1,7 @@
 """The retriever as a user sees it: config -> two towers on the mesh -> embeddings.
 
 This wires the model file (:mod:`umr_jax.models.bert`), checkpoint import
-(:mod:`umr_jax.models.hf_checkpoint`), length bucketing and the mesh together.
+(:mod:`umr_jax.models.bert_checkpoint`), length bucketing and the mesh together.
 Encoding runs one ``jax.jit`` program per padded shape with explicit in/out
 shardings: parameters by their logical axes, batches split over ``data``.
 """

@@ -21,7 +21,7 @@ Where the numbers come from:
     15,250 training and 2,110 dev queries, B = 16 x n = 16, 10 epochs, bucket
     and batch sizes), the index defaults of `umr_jax/index.py`;
   * utilisation: the model-FLOP utilisation (MFU) that our code reached on a
-    CPU, from bench/measured.json (copied from README.md's Benchmarks). A CPU
+    CPU, from bench/measured.json (copied from docs/benchmarks.md). A CPU
     MFU is only a proxy for what XLA reaches on a TPU or GPU: it says how much
     of the run is matmul work the compiler keeps busy, not how a systolic
     array or tensor cores behave. Stages never measured (training) use a named
@@ -176,7 +176,7 @@ ASSUMPTIONS: dict[str, Assumption] = {a.name: a for a in [
                "incl. 2 special tokens on the 15,250 training questions (measured here for this model); mBERT's "
                "WordPiece splits bn/te/ja/ko text finer"),
     Assumption("encode_packing_efficiency", 0.95,
-               "share of real tokens in packed encode rows (README: 95% on XQuAD-R with packing=True)"),
+               "share of real tokens in packed encode rows (docs/usage.md: 95% on XQuAD-R with packing=True)"),
     Assumption("train_passage_padded", 192,
                "training pads each batch's 256 passages to a bucket of configs/xor.py (128, 192, 256): the longest "
                "of 256 passages of ~150 tokens mostly lands in 192"),
@@ -201,7 +201,7 @@ ASSUMPTIONS: dict[str, Assumption] = {a.name: a for a in [
                "matmuls, bfloat16 compute) reaches the measured bfloat16 encode MFU"),
     Assumption("ann_host_is_encode_host", 1.0,
                "bench/ann.py's 2 cores are taken to be the AMX host of bench/encode.py, whose float32 matmul peak "
-               "(312 GFLOP/s) turns our exact-search q/s into a utilisation (the README does not name ann's CPU)"),
+               "(312 GFLOP/s) turns our exact-search q/s into a utilisation (docs/benchmarks.md does not name ann's CPU)"),
     Assumption("adamw_update_passes", 7,
                "the AdamW update is memory-bound: it reads parameters, gradients and both moments and writes "
                "parameters and moments, 7 float32 passes over each device's parameters per step, at HBM bandwidth "

@@ -40,6 +40,6 @@ def get_config():
     cfg.train.warmup_steps = 1
     cfg.train.student_scale = 20.0
     cfg.train.query_buckets = (32,)
-    cfg.train.passage_buckets = (64,)
+    cfg.train.pack_row_length = 64  # the retriever's max_passage_length: passages packed into rows of it
     cfg.train.checkpoint_every = 2
     return cfg

@@ -48,6 +48,7 @@ def get_config():
     cfg.train.warmup_steps = 1237
     cfg.train.max_grad_norm = 2.0
     cfg.train.query_buckets = (32, 64)
-    cfg.train.passage_buckets = (128, 192, 256)
+    cfg.train.pack_row_length = 256  # passages packed into rows of the max passage length
+    cfg.train.passage_buckets = (128, 192, 256)  # used with train.packing=False
     cfg.train.checkpoint_every = 500
     return cfg

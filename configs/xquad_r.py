@@ -55,6 +55,6 @@ def get_config():
     cfg.train.freeze = ("word",)
     cfg.train.student_scale = 100.0  # e5 was trained with temperature 0.01
     cfg.train.query_buckets = (64,)
-    cfg.train.passage_buckets = (128,)
+    cfg.train.pack_row_length = 128  # the retriever's max_passage_length: passages packed into rows of it
     cfg.train.checkpoint_every = 16
     return cfg

@@ -58,6 +58,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
     cfg.queries_per_batch, cfg.passages_per_query = 8, 2
     cfg.learning_rate, cfg.warmup_steps, cfg.epochs = 1e-3, 2, 3.0
     cfg.query_buckets, cfg.passage_buckets = (8, 16), (16, 32)
+    cfg.packing, cfg.pack_row_length, cfg.pack_max_segments = False, 32, 4
     cfg.checkpoint_every = 2
     cfg.update(overrides)
     return cfg
@@ -122,20 +123,23 @@ def test_one_step_lowers_the_loss():
     assert after < before
 
 
-def _train_steps(mesh, steps: int, cfg) -> np.ndarray:
+def _train_steps(mesh, steps: int, cfg, plan=None) -> np.ndarray:
     model = tiny_dual_encoder(dropout=0.1)
     trainer = distill.Trainer(model, cfg, mesh, total_steps=10, seed=3)
     data = toy_data()
-    losses = [trainer.step(distill.make_batch(data, s, cfg, 3, 0), s)["loss"] for s in range(steps)]
+    losses = [trainer.step(distill.make_batch(data, s, cfg, 3, 0, plan), s)["loss"] for s in range(steps)]
     trainer.sync_model()
     return np.array(losses), np.asarray(model.passage.layers[0].ffn.wi[...])
 
 
-def test_sharded_step_equals_unsharded(eight_devices):
-    cfg = tiny_config(student_scale=20.0)
+@pytest.mark.parametrize("packing", [False, True])
+def test_sharded_step_equals_unsharded(eight_devices, packing):
+    cfg = tiny_config(student_scale=20.0, packing=packing)
     one = sharding.make_mesh((1, 1), devices=jax.devices()[:1])
-    losses1, w1 = _train_steps(one, 3, cfg)
-    losses8, w8 = _train_steps(sharding.make_mesh((4, 2)), 3, cfg)
+    # One packed shape for both meshes: rows a multiple of the 4 data-parallel devices.
+    plan = distill.packing_plan(toy_data(), cfg, 3, 3, multiple_of=4) if packing else None
+    losses1, w1 = _train_steps(one, 3, cfg, plan)
+    losses8, w8 = _train_steps(sharding.make_mesh((4, 2)), 3, cfg, plan)
     np.testing.assert_allclose(losses8, losses1, rtol=1e-5)
     np.testing.assert_allclose(w8, w1, atol=1e-5)
 
@@ -157,8 +161,9 @@ def test_gradient_accumulation_matches_the_mean_of_micro_batch_gradients():
     assert loss == pytest.approx(np.mean(parts), rel=1e-5)
 
 
-def test_resumed_training_equals_uninterrupted(tmp_path):
-    cfg = tiny_config(student_scale=20.0)
+@pytest.mark.parametrize("packing", [False, True])
+def test_resumed_training_equals_uninterrupted(tmp_path, packing):
+    cfg = tiny_config(student_scale=20.0, packing=packing)
     mesh = sharding.make_mesh((-1, 1))
     data = toy_data()
     whole = tiny_dual_encoder(dropout=0.1)
@@ -188,3 +193,44 @@ def test_a_nan_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     with pytest.raises(distill.NumericFaultError, match="step 2"):
         distill.train(tiny_dual_encoder(), poisoned, cfg, mesh, str(tmp_path), seed=0, pad_id=0)
     assert distill.checkpoint_manager(str(tmp_path), cfg).latest_step() == 2
+
+
+def test_packed_passages_give_the_padded_embeddings_and_loss():
+    data = toy_data()
+    padded_cfg, packed_cfg = tiny_config(), tiny_config(packing=True, accumulation_steps=2)
+    padded_cfg.accumulation_steps = 2
+    padded = distill.make_batch(data, 1, padded_cfg, seed=0, pad_id=0)
+    packed = distill.make_batch(data, 1, packed_cfg, seed=0, pad_id=0)
+    rows, length = packed["passage_ids"].shape[1:]
+    assert length == 32 and rows < padded["passage_ids"].shape[1]  # fewer rows than passages: they share rows
+    for key in ("query_ids", "query_mask", "scores"):
+        np.testing.assert_array_equal(packed[key], padded[key])
+    model = tiny_dual_encoder()
+    for i in range(2):
+        want = model.passage(padded["passage_ids"][i], padded["passage_mask"][i])
+        got = model.passage.packed(packed["passage_ids"][i], packed["passage_segments"][i],
+                                   packed["passage_positions"][i], packed_cfg.pack_max_segments)
+        got = np.asarray(got).reshape(-1, got.shape[-1])[packed["passage_slots"][i]]
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        q = model.query(padded["query_ids"][i], padded["query_mask"][i])
+        assert float(distill.distill_loss(q, got, packed["scores"][i], 10.0, 20.0)) == pytest.approx(
+            float(distill.distill_loss(q, want, padded["scores"][i], 10.0, 20.0)), rel=1e-5)
+
+
+def test_packing_plan_fits_every_step_and_is_a_multiple_of_the_devices():
+    cfg = tiny_config(packing=True, queries_per_batch=4)
+    data = toy_data(num_queries=16)
+    plan = distill.packing_plan(data, cfg, seed=0, total_steps=12, multiple_of=2)
+    assert plan.rows % 2 == 0 and plan.row_length == 32
+    for step in range(12):
+        batch = distill.make_batch(data, step, cfg, 0, 0, plan)
+        assert batch["passage_ids"].shape[1] == plan.rows  # one compiled shape for the whole run
+        segments, slots = batch["passage_segments"][0], batch["passage_slots"][0]
+        assert len(np.unique(slots)) == len(slots) == 8
+        # Every passage's tokens sit whole in its slot's row and segment.
+        for j, slot in enumerate(slots):
+            row, segment = divmod(int(slot), cfg.pack_max_segments)
+            passage = distill._micro_batch_passages(data, step, cfg, 0)[2][0][j]
+            assert (segments[row] == segment + 1).sum() == len(data.passage_tokens[passage])
+    with pytest.raises(ValueError, match=r"train\.pack_row_length=16 is shorter than a training passage"):
+        distill.make_batch(data, 0, tiny_config(packing=True, pack_row_length=16), 0, 0)

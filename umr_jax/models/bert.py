@@ -226,7 +226,9 @@ class BertEncoder(nnx.Module):
 
     def _finish(self, pooled: jax.Array) -> jax.Array:
         if self.normalize:
-            pooled = pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+            # max(|x|^2, eps^2) under the root, not max(|x|, eps): the root's gradient at an
+            # all-zero embedding (an empty segment of a packed training row) is then 0, not NaN.
+            pooled = pooled / jnp.sqrt(jnp.maximum(jnp.sum(pooled * pooled, axis=-1, keepdims=True), 1e-24))
         return pooled
 
     def __call__(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:

@@ -201,7 +201,7 @@ ASSUMPTIONS: dict[str, Assumption] = {a.name: a for a in [
                "matmuls, bfloat16 compute) reaches the measured bfloat16 encode MFU"),
     Assumption("ann_host_is_encode_host", 1.0,
                "bench/ann.py's 2 cores are taken to be the AMX host of bench/encode.py, whose float32 matmul peak "
-               "(312 GFLOP/s) turns our exact-search q/s into a utilisation (docs/benchmarks.md does not name ann's CPU)"),
+               "(312 GFLOP/s) turns our exact-search q/s into a utilisation (ann's CPU is not named)"),
     Assumption("adamw_update_passes", 7,
                "the AdamW update is memory-bound: it reads parameters, gradients and both moments and writes "
                "parameters and moments, 7 float32 passes over each device's parameters per step, at HBM bandwidth "

@@ -1,4 +1,4 @@
-"""A newcomer's smoke test: the embedded default's real models, every stage of one round, in about 3 minutes.
+"""A newcomer's smoke test: the embedded default's real models, every stage of one round, in about 2 minutes.
 
     python -m umr_jax.main --config=configs/smoke.py --workdir=/tmp/umr-smoke \
         --config.data.local_dir=../shared/data/xquad-r

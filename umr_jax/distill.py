@@ -5,7 +5,7 @@ teacher-scored top-k. The teacher distribution of query i is
 log_softmax(temperature x score) over its own n passages; the student scores
 query i against all B x n passages of the batch (in-batch negatives), and
 other queries' passages get teacher logit -1000 (probability ~0). The loss is
-KL(teacher || student), averaged over the batch (the README's "Distillation").
+KL(teacher || student), averaged over the batch (docs/algorithm.md, step 4).
 
 Everything a resumed run needs is a function of the step number: the batch of
 step s is fixed by (seed, s) and the dropout key is fold_in(seed, s). An Orbax

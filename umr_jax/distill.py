@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from umr_jax import distributed, faults, sharding
+from umr_jax import distributed, faults, preemption, sharding
 from umr_jax.batching import bucket_for, fill_packed, pack_rows, pad_rows
 
 TEACHER_MASK_LOGIT = -1000.0  # the official code's value for other queries' passages
@@ -440,6 +440,7 @@ def train(model: nnx.Module, data: TrainingSet, cfg: ml_collections.ConfigDict, 
     losses: list[float] = []
     with tqdm(total=total, initial=start_step, desc=desc, unit="step", dynamic_ncols=True) as bar:
         for s in range(start_step, total if stop_at is None else min(stop_at, total)):
+            faults.point("train.step_started")
             metrics = trainer.step(make_batch(data, s, cfg, seed, pad_id, plan), s)
             if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
                 raise NumericFaultError(f"step {s}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}; "
@@ -452,9 +453,15 @@ def train(model: nnx.Module, data: TrainingSet, cfg: ml_collections.ConfigDict, 
                 log_scalars("train/loss", metrics["loss"], s)
                 log_scalars("train/grad_norm", metrics["grad_norm"], s)
                 log_scalars("train/learning_rate", float(trainer.schedule(s)), s)
-            if (s + 1) % cfg.checkpoint_every == 0 or s + 1 in (total, stop_at):
+            preempted = preemption.agreed()  # every process, every step: all stop at the same step
+            if preempted or (s + 1) % cfg.checkpoint_every == 0 or s + 1 in (total, stop_at):
                 trainer.save(manager, s + 1)
                 faults.point("train.checkpoint_saved")
+            if preempted and s + 1 < total:
+                manager.close()
+                raise preemption.Preempted(f"{preemption.requested() or 'a notice to another process'} received: "
+                                           f"stopped after step {s + 1} of {total}, checkpoint saved in "
+                                           f"{checkpoint_dir}")
     manager.close()
     trainer.sync_model()
     elapsed = time.perf_counter() - began

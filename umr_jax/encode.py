@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from umr_jax import atomic, faults
+from umr_jax import atomic, faults, preemption
 from umr_jax.data.readers import OnError, Passage, ReadReport, check_on_error, iter_passage_chunks
 
 
@@ -183,8 +183,10 @@ def encode_corpus(encode: Callable[..., np.ndarray], source: ChunkSource, out_di
         for chunk, passages, report in source(done):
             texts = [format_passage(p, template) for p in passages]
             emb = encode(texts, bar=bar) if texts else np.zeros((0, 0), np.float32)
+            faults.point("encode.chunk_encoded")
             store.write_chunk(chunk, [p.id for p in passages], emb.astype(dtype, copy=False), report)
             faults.point("encode.chunk_committed")
+            preemption.stop_if_requested(f"after committing corpus chunk {chunk} in {out_dir}")
             total.merge(report)
             encoded += len(texts)
             last_chunk = max(last_chunk, chunk)

@@ -36,6 +36,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import gc
 import logging as pylogging
 import math
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -53,6 +54,7 @@ from umr_jax import (
     encode,
     faults,
     index,
+    preemption,
     report,
     retriever,
     run_files,
@@ -270,8 +272,10 @@ class Run:
                                      [q.lang for q, _ in part], desc=f"{desc} chunk {c + 1}/{num_chunks}")
                 if not np.all(np.isfinite(scores)):
                     raise FloatingPointError(f"{desc}: the teacher gave NaN/Inf scores in chunk {c}")
+                faults.point("teacher.chunk_scored")
                 atomic.save_npy(path(c), scores)
                 faults.point("teacher.chunk_committed")
+                preemption.stop_if_requested(f"after committing {path(c)}")
             del model
             gc.collect()
         distributed.barrier(f"{desc}: scored")
@@ -380,10 +384,11 @@ class Run:
 
     # --------------------------------------------------------------- the loop
 
-    def stage(self, name: str, fn) -> None:
+    def stage(self, name: str, fn, **options) -> None:
         """Runs a stage unless recorded; every process finishes it before any starts the next."""
-        self.dir.stage(name, fn)
+        self.dir.stage(name, fn, **options)
         distributed.barrier(name)
+        preemption.stop_if_agreed(f"after stage {name}")
 
     def run(self) -> list[dict]:
         rounds = int(self.cfg.rounds)
@@ -435,7 +440,13 @@ def main(argv: Sequence[str]) -> None:
     logging.get_absl_handler().addFilter(_QuietLibraries())
     f = flags.FLAGS
     distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
-    tables = run(f.config, f.workdir)
+    preemption.install(f.config.reliability.preemption_signals)  # after JAX's runtime, which may set its own
+    try:
+        tables = run(f.config, f.workdir)
+    except preemption.Preempted as notice:
+        sys.stderr.write(f"umr_jax.main: preempted: {notice}; run the same command to resume "
+                         f"(exit status {preemption.EXIT_STATUS})\n")
+        sys.exit(preemption.EXIT_STATUS)
     if not distributed.is_primary():
         return
     for r, t in enumerate(tables):

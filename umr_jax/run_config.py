@@ -57,6 +57,24 @@ def mt5_xl_lm_adapt() -> ml_collections.ConfigDict:
     return cfg
 
 
+def reliability() -> ml_collections.ConfigDict:
+    """How a run meets a cluster's faults (docs/reliability.md): preemption notices, a shared workdir, dead peers."""
+    cfg = ml_collections.ConfigDict()
+    # Signals taken as a preemption notice: the run stops at the next step or chunk
+    # boundary with a checkpoint and exits with status 75. Spot/preemptible VMs send
+    # SIGTERM; SLURM's --signal=USR1@120 sends SIGUSR1 two minutes before the limit.
+    cfg.preemption_signals = ("SIGTERM",)
+    # The workdir lock (<workdir>/lock.json) is refreshed this often by its holder ...
+    cfg.lock_heartbeat_seconds = 30
+    # ... and taken over when its holder is gone: at once for a dead pid on this host,
+    # after this long without a refresh for a holder on another host.
+    cfg.lock_stale_seconds = 300
+    # A process that stops sending heartbeats for this long is dead: the others stop
+    # with a message naming it and the stage (instead of waiting forever).
+    cfg.peer_timeout_seconds = 120
+    return cfg
+
+
 def default_config() -> ml_collections.ConfigDict:
     """Every key of a run, defaulting to the official UMR recipe and models (configs/*.py start from this)."""
     cfg = ml_collections.ConfigDict()
@@ -78,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.rerank = ml_collections.ConfigDict(dict(queries_per_language=0, k=20))
     cfg.train = distill.default_config()
     cfg.export = True  # write export/{query,passage} at the end
+    cfg.reliability = reliability()
     # XLA programs are cached here across rounds and runs (each round's train
     # step and teacher would otherwise compile again; ~40 s each on a CPU).
     # '' = no cache; $JAX_COMPILATION_CACHE_DIR takes precedence.

@@ -100,3 +100,32 @@ def test_a_second_notice_ends_the_process_at_once():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == -signal.SIGUSR1 and "still alive" not in done.stdout, done.stderr
+
+
+AGREE = """
+import os, signal, sys
+import jax
+from umr_jax import distributed, preemption
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+preemption.install(["SIGUSR1"])
+for step in range(1, 50):
+    if int(sys.argv[2]) == 1 and step == 3:
+        os.kill(os.getpid(), signal.SIGUSR1)  # the notice reaches process 1 only, during step 3
+    if preemption.agreed():
+        print(f"stopped after step {step}; own notice: {preemption.requested()}", flush=True)
+        break
+jax.distributed.shutdown()
+"""
+
+
+def test_processes_agree_on_the_step_where_a_notice_to_one_of_them_stops_both(tmp_path):
+    from test_multihost import _free_port
+
+    address = f"localhost:{_free_port()}"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [subprocess.Popen([sys.executable, "-c", AGREE, address, str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+    stops = [[line for line in out.splitlines() if line.startswith("stopped")] for out, _ in outputs]  # not gloo's
+    assert stops == [["stopped after step 3; own notice: None"], ["stopped after step 3; own notice: SIGUSR1"]]

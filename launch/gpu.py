@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     slurm.add_argument("--account", help="#SBATCH --account")
     slurm.add_argument("--time", help="#SBATCH --time, e.g. 2-00:00:00")
     slurm.add_argument("--script", default="umr_jax.sbatch", help="where to write the sbatch script")
+    slurm.add_argument("--notice_seconds", type=int, default=300,
+                       help="SIGUSR1 this long before the time limit (#SBATCH --signal): the run checkpoints, exits "
+                       "with status 75 and the job requeues itself; 0: no notice")
     manual = modes.add_parser("manual", parents=[shared], help="one process per host over ssh")
     manual.add_argument("--hosts", required=True, help="comma-separated hosts; the first is the coordinator")
     manual.add_argument("--port", type=int, default=1234, help="the coordinator's port on the first host")
@@ -68,18 +71,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+# The run's preemption notices under SLURM: SIGTERM (preemption, scancel) and SIGUSR1 (#SBATCH --signal).
+SLURM_NOTICES = '--config.reliability.preemption_signals=("SIGTERM","SIGUSR1")'
+
+
 def sbatch_script(args: argparse.Namespace, job: list[str]) -> str:
     options = {"job-name": args.job_name, "nodes": args.nodes, "ntasks-per-node": 1,
                "gpus-per-node": args.gpus_per_node, "partition": args.partition, "account": args.account,
-               "time": args.time}
+               "time": args.time, "signal": f"USR1@{args.notice_seconds}" if args.notice_seconds else None}
+    first_override = next(i for i, a in enumerate(job) if a.startswith("--workdir=")) + 1  # the user's win
     return "\n".join([
         "#!/bin/bash",
         *(f"#SBATCH --{key}={value}" for key, value in options.items() if value is not None),
+        *(["#SBATCH --requeue"] if args.notice_seconds else []),
         f"# umr_jax on {args.nodes} node(s) x {args.gpus_per_node} GPU(s), one process per node;",
         "# jax.distributed.initialize() reads the SLURM environment. Re-submitting resumes from the workdir.",
         "set -euo pipefail",
         common.show(["cd", args.repo_dir]),
-        common.show(["srun", *job]),
+        *([common.show(["srun", *job])] if not args.notice_seconds else [
+            "# A preemption notice (SIGTERM, or SIGUSR1 before the time limit) stops the run at a checkpoint with",
+            "# exit status 75: the job then requeues itself and resumes from the workdir.",
+            "status=0",
+            common.show(["srun", *job[:first_override], SLURM_NOTICES,
+                         *job[first_override:]]) + " || status=$?",
+            'if [ "$status" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
+            'exit "$status"']),
         "",
     ])
 

@@ -123,8 +123,13 @@ def test_gpu_slurm(tmp_path):
                  "#SBATCH --partition=a100", "#SBATCH --time=1-00:00:00", f"cd {REPO}"):
         assert line in lines
     assert not any(line.startswith("#SBATCH --account") for line in lines)
-    srun = shlex.split(lines[-1])
-    assert srun == ["srun", "env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", "/shared/venv/bin/python", *BINARY_ARGS]
+    # Five minutes before the time limit SLURM sends SIGUSR1: the run checkpoints, exits 75, the job requeues.
+    assert "#SBATCH --signal=USR1@300" in lines and "#SBATCH --requeue" in lines
+    [srun] = [shlex.split(line) for line in lines if line.startswith("srun ")]
+    binary = [*BINARY_ARGS[:4], '--config.reliability.preemption_signals=("SIGTERM","SIGUSR1")', *BINARY_ARGS[4:]]
+    assert srun == ["srun", "env", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9", "/shared/venv/bin/python", *binary,
+                    "||", "status=$?"]
+    assert 'if [ "$status" -eq 75 ]; then scontrol requeue "$SLURM_JOB_ID"; fi' in lines
     assert not any(flag in script for flag in COORDINATION)  # JAX reads the SLURM environment
     assert_bash_syntax(script)
     assert not list(tmp_path.iterdir())  # a dry run writes no script

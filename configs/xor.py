@@ -2,10 +2,10 @@
 
 On a Cloud TPU VM (v4-32 or larger: launch/tpu_vm.py runs this on every worker
 of a pod slice; docs/scale.md sizes it), with the corpus and the models on local
-disk or reachable hubs, and a workdir every worker sees (NFS, Filestore, a
-gcsfuse mount -- not a gs:// URL):
+disk or reachable hubs, and a workdir every worker sees (a gs:// bucket URL, which
+needs gcsfs: pip install -e .[gcs]; or NFS, Filestore):
 
-    python -m umr_jax.main --config=configs/xor.py --workdir=/mnt/umr/xor \\
+    python -m umr_jax.main --config=configs/xor.py --workdir=gs://BUCKET/umr/xor \\
         --config.data.corpus=/data/enwiki_20190201_w100.tsv \\
         --config.teacher.checkpoint=/models/mt5-xl-lm-adapt
 

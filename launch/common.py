@@ -16,8 +16,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_WORKDIR = (
-    "Every process must see the same --workdir: a filesystem shared by all hosts (NFS, Filestore, or a "
-    "gcsfuse mount of a bucket). Re-running the run resumes from it."
+    "Every process must see the same --workdir: a gs://BUCKET/DIR URL (the binary writes to Cloud Storage "
+    "itself; needs gcsfs), or a filesystem shared by all hosts (NFS, Filestore). Re-running the run resumes "
+    "from it."
 )
 _OVERRIDE = re.compile(r"--config\.[A-Za-z_][\w.]*=")
 
@@ -42,10 +43,16 @@ def add_run_args(parser: argparse.ArgumentParser, *, workdir_required: bool) -> 
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
 
 
+def is_bucket(workdir: str) -> bool:
+    return workdir.startswith("gs://")
+
+
 def check_workdir(parser: argparse.ArgumentParser, workdir: str) -> None:
-    if "://" in workdir:
-        parser.error(f"--workdir {workdir!r}: the binary writes with local file APIs, not to a URL; mount the "
-                     "bucket (e.g. gcsfuse) on every host and pass the mount path")
+    if "://" in workdir and not is_bucket(workdir):
+        parser.error(f"--workdir {workdir!r}: the only URLs the binary writes to are gs://BUCKET/DIR; for "
+                     "anything else pass a path on a filesystem every host sees")
+    if is_bucket(workdir) and not workdir[len("gs://"):].split("/", 1)[0]:
+        parser.error(f"--workdir {workdir!r}: expected gs://BUCKET/DIR")
 
 
 def main_argv(interpreter: list[str], args: argparse.Namespace, *extra: str) -> list[str]:

@@ -15,8 +15,8 @@ Modes:
           --num_processes=N --process_id=I
 
 slurm and manual expect the repo (--repo_dir) and the Python environment (--python) at the same
-paths on every node, and --workdir on a filesystem every node sees (NFS, Filestore, a gcsfuse
-mount). Re-running the same command resumes the run from the workdir.
+paths on every node, and --workdir on a filesystem every node sees (NFS, Filestore) or a gs://
+bucket URL. Re-running the same command resumes the run from the workdir.
 
     python launch/gpu.py single --workdir=/tmp/umr-xor --overrides=--config.k=50
     python launch/gpu.py slurm --nodes=4 --gpus_per_node=8 --workdir=/shared/umr-xor --dry-run > umr.sbatch
@@ -61,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     common.check_workdir(parser, args.workdir)
-    args.workdir = os.path.abspath(args.workdir)
+    if not common.is_bucket(args.workdir):
+        args.workdir = os.path.abspath(args.workdir)
     if args.mode == "slurm" and min(args.nodes, args.gpus_per_node) < 1:
         parser.error("--nodes and --gpus_per_node must be at least 1")
     if args.mode == "manual":

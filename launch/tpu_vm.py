@@ -10,17 +10,17 @@ Steps (--steps, always in this order):
   create  the TPU VM (gcloud compute tpus tpu-vm create), or with --queued a queued resource
           (gcloud compute tpus queued-resources create --node-id), waited for until ACTIVE
   setup   on every worker: clone --repo at --branch into ~/umr_jax (or update the clone), a
-          Python 3.11 venv ~/umr_jax/.venv (made by uv), requirements.txt and jax[tpu] of the pinned version
+          Python 3.11 venv ~/umr_jax/.venv (made by uv), requirements.txt, jax[tpu] of the pinned version
+          and gcsfs (pyproject.toml's `gcs` extra: a gs:// workdir)
   run     on every worker: --mount, then `python -m umr_jax.main` under nohup (ssh may disconnect),
           appending to ~/umr_jax.log; re-running this step resumes the run from the workdir
   delete  the TPU VM (with --queued: the queued resource and its VM)
 
-The workdir must be a path every worker sees: NFS, Filestore, or a bucket mounted with gcsfuse by
---mount (the binary writes with local file APIs, so not a gs:// URL).
+The workdir must be one every worker sees: a bucket URL, gs://BUCKET/DIR (the binary writes to Cloud
+Storage itself, with the VM's service account), or a path on NFS or Filestore (mounted by --mount).
 
     python launch/tpu_vm.py --name=umr --zone=us-central2-b --accelerator_type=v4-32 \\
-        --repo=https://github.com/ORG/umr_jax.git --workdir=/mnt/umr/xor \\
-        --mount='mountpoint -q /mnt/umr || gcsfuse --implicit-dirs BUCKET /mnt/umr' --dry-run
+        --repo=https://github.com/ORG/umr_jax.git --workdir=gs://BUCKET/umr/xor --dry-run
 """
 
 import argparse
@@ -47,6 +47,13 @@ def jax_version() -> str:
     return found.group(1)
 
 
+def gcs_extra() -> list[str]:
+    """pyproject.toml's `gcs` extra (gcsfs, pinned): what a gs:// workdir needs."""
+    import tomllib
+    with open(common.REPO / "pyproject.toml", "rb") as f:
+        return list(tomllib.load(f)["project"]["optional-dependencies"]["gcs"])
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True, help="TPU VM name (also the queued resource's id)")
@@ -59,8 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spot", action="store_true", help="spot (preemptible) capacity")
     parser.add_argument("--repo", help="git URL of umr_jax to clone on the workers (needed by setup)")
     parser.add_argument("--branch", default="main", help="git branch or tag to check out")
-    parser.add_argument("--mount", help="shell command run on every worker before the job, e.g. a gcsfuse "
-                        "mount of the workdir's bucket; make it idempotent (`mountpoint -q DIR || ...`)")
+    parser.add_argument("--mount", help="shell command run on every worker before the job, e.g. an NFS mount "
+                        "of the workdir or of the data; make it idempotent (`mountpoint -q DIR || ...`)")
     parser.add_argument("--steps", default="create,setup,run", help=f"comma-separated subset of {','.join(STEPS)}")
     common.add_run_args(parser, workdir_required=False)
     args = parser.parse_args(argv)
@@ -74,8 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not args.workdir:
             parser.error("the run step needs --workdir (a path shared by all workers)")
         common.check_workdir(parser, args.workdir)
-        if not args.workdir.startswith("/"):
-            parser.error(f"--workdir {args.workdir!r} must be an absolute path (on the workers' shared filesystem)")
+        if not args.workdir.startswith("/") and not common.is_bucket(args.workdir):
+            parser.error(f"--workdir {args.workdir!r} must be gs://BUCKET/DIR or an absolute path (on the workers' "
+                         "shared filesystem)")
     if not args.runtime_version:
         family = args.accelerator_type.rsplit("-", 1)[0]
         args.runtime_version = RUNTIMES.get(family, DEFAULT_RUNTIME)
@@ -121,7 +129,7 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
             f"cd {CLONE}",
             f"test -x {venv} || python3 -m uv venv --python 3.11 .venv",
             common.show(["python3", "-m", "uv", "pip", "install", "--python", venv, "-r", "requirements.txt",
-                         f"jax[tpu]=={jax_version()}"]),
+                         f"jax[tpu]=={jax_version()}", *gcs_extra()]),
         ])))
     if "run" in args.steps:
         job = common.show(common.main_argv([".venv/bin/python"], args))

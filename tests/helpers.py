@@ -114,6 +114,19 @@ def run_tiny(workdir: pathlib.Path, *flags: str, env: dict | None = None) -> sub
                           timeout=600)
 
 
+def assert_same_result(workdir: pathlib.Path, reference: pathlib.Path) -> None:
+    """A resumed run ends as the uninterrupted one: the same dev metrics, the same exported towers, bit for bit."""
+    from safetensors.numpy import load_file
+
+    assert json.loads((workdir / "metrics.json").read_text())["dev"] == \
+        json.loads((reference / "metrics.json").read_text())["dev"]
+    for tower in ("query", "passage"):
+        ours, expected = (load_file(d / "export" / tower / "model.safetensors") for d in (workdir, reference))
+        assert ours.keys() == expected.keys()
+        for name in expected:
+            np.testing.assert_array_equal(ours[name], expected[name], err_msg=f"{tower}/{name}")
+
+
 def read_passages(path: str | os.PathLike, *, on_error: OnError = "raise",
                   max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[list[Passage], ReadReport]:
     """A whole (small) passage file with its merged report: the library only streams chunks."""

@@ -107,6 +107,17 @@ def test_tpu_vm_steps_subset_and_runtime():
     assert "--version=tpu-vm-v4-base" in create
 
 
+def test_a_bucket_workdir_reaches_the_binary_as_given(tmp_path):
+    """gs:// workdirs are written by the binary itself (umr_jax/storage.py): no mount, no abspath."""
+    setup, run = commands(*TPU, "--steps=setup,run", "--repo=r", "--workdir=gs://my-bucket/umr/xor")
+    gcsfs = re.search(r'^gcs = \["(gcsfs==[^"]+)"\]', (REPO / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert remote(setup).endswith(f"-r requirements.txt 'jax[tpu]=={JAX_VERSION}' {gcsfs}")
+    assert "--workdir=gs://my-bucket/umr/xor" in shlex.split(re.search(r"nohup (.*) >>", remote(run)).group(1))
+    [cmd] = [shlex.split(line) for line in dry_run("gpu.py", "single", "--workdir=gs://my-bucket/run",
+                                                      cwd=tmp_path).splitlines()]
+    assert "--workdir=gs://my-bucket/run" in cmd
+
+
 def test_gpu_single(tmp_path):
     [cmd] = [shlex.split(line) for line in dry_run("gpu.py", "single", "--workdir=rel/run", "--overrides=k=5",
                                                       "--mem_fraction=0.8", cwd=tmp_path).splitlines()]
@@ -151,7 +162,8 @@ def test_gpu_manual():
 @pytest.mark.parametrize(("args", "flag"), [
     ([*TPU, "--repo=r"], "--workdir"),
     ([*TPU, "--steps=run", "--workdir=relative/dir"], "--workdir"),
-    ([*TPU, "--steps=run", "--workdir=gs://bucket/run"], "--workdir"),
+    ([*TPU, "--steps=run", "--workdir=s3://bucket/run"], "--workdir"),
+    (["gpu.py", "single", "--workdir=gs://"], "--workdir"),
     ([*TPU, "--workdir=/w"], "--repo"),
     ([*TPU, "--steps=create,boot"], "--steps"),
     (["tpu_vm.py", "--zone=z", "--steps=delete"], "--name"),

@@ -10,11 +10,9 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file
 
-from helpers import run_tiny
+from helpers import assert_same_result, run_tiny
 from umr_jax import faults, preemption
 
 
@@ -63,13 +61,7 @@ def test_sigterm_in_each_chunked_stage_stops_at_the_boundary_and_resumes_with_no
     done = run_tiny(workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert _stages(workdir)["round-1/train"]["info"]["resumed_at"] == 3  # zero steps redone
-    assert json.loads((workdir / "metrics.json").read_text())["dev"] == \
-        json.loads((tiny_run / "metrics.json").read_text())["dev"]
-    for tower in ("query", "passage"):
-        ours, reference = (load_file(d / "export" / tower / "model.safetensors") for d in (workdir, tiny_run))
-        assert ours.keys() == reference.keys()
-        for name in reference:
-            np.testing.assert_array_equal(ours[name], reference[name], err_msg=f"{tower}/{name}")
+    assert_same_result(workdir, tiny_run)
 
 
 def test_a_notice_between_stages_stops_after_the_running_stage(tmp_path):

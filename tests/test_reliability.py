@@ -13,9 +13,8 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
-from safetensors.numpy import load_file
 
-from helpers import run_tiny
+from helpers import assert_same_result, run_tiny
 from umr_jax import atomic, faults
 from umr_jax.data.readers import InputError, iter_passage_chunks, read_queries_jsonl
 
@@ -63,13 +62,7 @@ def test_kill_9_in_every_stage_then_resume_equals_an_uninterrupted_run(tiny_run,
     assert (workdir / "round-1/teacher/chunk-000000.npy").stat().st_mtime_ns == marks["teacher"]
     assert stages["round-1/train"]["info"]["resumed_at"] == 2
     # ... and the result is the uninterrupted run's, bit for bit.
-    assert json.loads((workdir / "metrics.json").read_text())["dev"] == \
-        json.loads((tiny_run / "metrics.json").read_text())["dev"]
-    for tower in ("query", "passage"):
-        ours, reference = (load_file(d / "export" / tower / "model.safetensors") for d in (workdir, tiny_run))
-        assert ours.keys() == reference.keys()
-        for name in reference:
-            np.testing.assert_array_equal(ours[name], reference[name], err_msg=f"{tower}/{name}")
+    assert_same_result(workdir, tiny_run)
 
 
 # ----------------------------------------------------------------------------- corrupt state

@@ -2,6 +2,10 @@
 
 Every write goes to a temporary file in the same directory, is flushed and
 fsynced, then renamed over the target (rename is atomic on POSIX filesystems).
+On a bucket (a `gs://` URL: see :mod:`umr_jax.storage`), where a rename is a
+copy and a delete, the file is written to a local temporary file and then
+uploaded as one object, which appears whole or not at all; a directory is
+uploaded file by file with its commit file last.
 """
 
 from __future__ import annotations
@@ -16,11 +20,17 @@ from typing import IO, Any
 
 import numpy as np
 
+from umr_jax import storage
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Opens a temporary sibling of `path`; renames it to `path` only on success."""
+    """Opens a temporary sibling of `path`; renames it to `path` only on success (on a bucket: uploads it)."""
     path = os.fspath(path)
+    if storage.is_remote(path):
+        with _remote_open(path, mode) as f:
+            yield f
+        return
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -35,6 +45,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def _remote_open(url: str, mode: str) -> Iterator[IO]:
+    """A local temporary file, uploaded to `url` as one object only if the block ends without an exception."""
+    fd, tmp = tempfile.mkstemp(prefix=".umr-jax-upload-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        storage.put_file(tmp, url)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -52,12 +75,23 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path) as f:
         return json.load(f)
 
 
-def replace_dir(directory: str | os.PathLike, write: Callable[[str], None]) -> str:
-    """Fills a temporary sibling directory with `write(tmp)`, then swaps it in for `directory`."""
+def replace_dir(directory: str | os.PathLike, write: Callable[[str], None], commit: str | None = None) -> str:
+    """Fills a temporary sibling directory with `write(tmp)`, then swaps it in for `directory`.
+
+    On a bucket `write` fills a local temporary directory, which is then uploaded in place of
+    `directory` (storage.upload_dir): the old `commit` file is deleted first and the new one
+    uploaded last, so readers that wait for it see the new directory whole.
+    """
+    if storage.is_remote(directory):
+        directory = storage.resolve(directory)
+        with tempfile.TemporaryDirectory(prefix="umr-jax-stage-") as tmp:
+            write(tmp)
+            storage.upload_dir(tmp, directory, commit=commit)
+        return directory
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)

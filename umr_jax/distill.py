@@ -15,8 +15,12 @@ a run killed mid-training ends exactly where an uninterrupted one does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -31,7 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from umr_jax import distributed, faults, preemption, sharding
+from umr_jax import atomic, distributed, faults, preemption, sharding
 from umr_jax.batching import bucket_for, fill_packed, pack_rows, pad_rows
 
 TEACHER_MASK_LOGIT = -1000.0  # the official code's value for other queries' passages
@@ -394,22 +398,118 @@ class Trainer:
     def _checkpoint_items(self) -> dict:
         return {"params": self.params.to_pure_dict(), "opt_state": self.opt_state}
 
+    def fingerprint(self) -> dict:
+        """What this trainer's checkpoints are checked against: the train config (without bookkeeping keys),
+        the seed, the total steps and the trained parameters' dtypes and shapes; `hash` sums them up."""
+        train = {k: v for k, v in json.loads(self.cfg.to_json_best_effort()).items() if k not in _BOOKKEEPING_KEYS}
+        params = {jax.tree_util.keystr(path, simple=True, separator="/"): f"{x.dtype}{list(x.shape)}"
+                  for path, x in jax.tree_util.tree_flatten_with_path(self.params.to_pure_dict())[0]}
+        parts = {"train": train, "seed": int(self.seed), "total_steps": int(self.total_steps), "params": params}
+        return {"hash": hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], **parts}
+
+    def check_checkpoints(self, directory: str) -> None:
+        """Raises CheckpointMismatchError if `directory` holds another setup's checkpoints (by their fingerprint
+        file; a directory without one, e.g. of an older version, is not checked here)."""
+        path = os.path.join(directory, CHECKPOINT_FINGERPRINT)
+        try:
+            saved = atomic.read_json(path)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            raise CheckpointMismatchError(f"{path}: unreadable ({e}): {_redo_checkpoints(directory)}") from None
+        ours = self.fingerprint()
+        if not isinstance(saved, dict) or saved.get("hash") != ours["hash"]:
+            raise CheckpointMismatchError(f"{directory}: these checkpoints were written for another training setup "
+                                          f"({_fingerprint_changes(saved, ours)}): {_redo_checkpoints(directory)}")
+
+    def _record_fingerprint(self, directory: str) -> None:
+        path, ours = os.path.join(directory, CHECKPOINT_FINGERPRINT), self.fingerprint()
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            if atomic.read_json(path).get("hash") == ours["hash"]:
+                return
+        atomic.write_json(path, ours)
+
     def save(self, manager: ocp.CheckpointManager, step: int) -> None:
+        if distributed.is_primary():  # the fingerprint of the directory's checkpoints, before the first one
+            self._record_fingerprint(str(manager.directory))
         manager.save(step, args=ocp.args.StandardSave(self._checkpoint_items()), force=True)
         manager.wait_until_finished()
 
     def restore(self, manager: ocp.CheckpointManager, step: int) -> None:
+        """Restores step `step`; a checkpoint of another setup is a CheckpointMismatchError (`manager` closed)."""
+        directory = str(manager.directory)
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, self._checkpoint_items())
-        restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        try:
+            self.check_checkpoints(directory)
+            _check_stored_arrays(manager, step, target)  # before Orbax starts reading (and fails mid-way)
+            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+            with contextlib.suppress(Exception):
+                manager.close()  # else Orbax's threads complain at exit
+            if isinstance(e, CheckpointMismatchError):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")[:200]
+            raise CheckpointMismatchError(f"{directory}: step {step} does not restore into this model ({first}): "
+                                          f"{_redo_checkpoints(directory)}") from None
         nnx.replace_by_pure_dict(self.params, restored["params"])
         self.params = jax.device_put(self.params, self.param_shardings)  # restored on these shardings already
         self.opt_state = jax.device_put(restored["opt_state"], self.opt_shardings)
 
 
+# Beside the Orbax steps: the fingerprint of the setup that wrote them (Trainer.fingerprint).
+CHECKPOINT_FINGERPRINT = "umr_jax-fingerprint.json"
+# Train keys that do not change what a checkpoint holds, only how often it is written or logged.
+_BOOKKEEPING_KEYS = ("checkpoint_every", "checkpoints_to_keep", "log_every")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint directory of another training setup (config, seed, steps, model shapes), e.g. copied in."""
+
+
+def _redo_checkpoints(directory: str) -> str:
+    return (f"delete {directory} (and, if manifest.json records its training stage as done, that entry) to train "
+            "again, or use a new --workdir")
+
+
+def _check_stored_arrays(manager: ocp.CheckpointManager, step: int, target) -> None:
+    """Raises CheckpointMismatchError unless step `step` stores arrays of `target`'s names, shapes and dtypes."""
+    def arrays(tree) -> dict[str, str]:
+        return {jax.tree_util.keystr(path, simple=True, separator="/"): f"{x.dtype}{list(x.shape)}"
+                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
+
+    stored, wanted = arrays(manager.item_metadata(step)), arrays(target)
+    differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+    if differ:
+        name = differ[0]
+        raise CheckpointMismatchError(
+            f"{manager.directory}: step {step} does not fit this model ({len(differ)} arrays differ, e.g. {name}: "
+            f"stored {stored.get(name, 'nothing')}, this model {wanted.get(name, 'nothing')}): "
+            f"{_redo_checkpoints(str(manager.directory))}")
+
+
+def _fingerprint_changes(saved, ours: dict) -> str:
+    """What differs between two fingerprints, briefly: 'train.epochs: 3.0 -> 2.0; seed: 5 -> 6; ...'."""
+    if not isinstance(saved, dict):
+        return f"the fingerprint is a {type(saved).__name__}"
+    changes = []
+    old, new = saved.get("train") or {}, ours["train"]
+    changes += [f"train.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+                if old.get(k) != new.get(k)]
+    changes += [f"{k}: {saved.get(k)!r} -> {ours[k]!r}" for k in ("seed", "total_steps") if saved.get(k) != ours[k]]
+    old, new = saved.get("params") or {}, ours["params"]
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if differ:
+        changes.append(f"{len(differ)} parameters differ, e.g. {differ[0]}: {old.get(differ[0], 'absent')} -> "
+                       f"{new.get(differ[0], 'absent')}")
+    return "; ".join(changes[:4]) or "fingerprint hash differs"
+
+
 def checkpoint_manager(directory: str, cfg: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=int(cfg.checkpoints_to_keep), create=True,
                                            enable_async_checkpointing=False)
-    return ocp.CheckpointManager(directory, options=options)
+    # The handler named up front (not only by the first save or restore): a step's metadata is readable
+    # before restoring it (`_check_stored_arrays`).
+    return ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
 
 
 def train(model: nnx.Module, data: TrainingSet, cfg: ml_collections.ConfigDict, mesh, checkpoint_dir: str, *,
@@ -473,11 +573,15 @@ def restore_final(model: nnx.Module, cfg: ml_collections.ConfigDict, mesh, check
                   seed: int) -> None:
     """Loads a finished training stage's final parameters into `model`."""
     total = steps_for(num_queries, cfg)
-    manager = checkpoint_manager(checkpoint_dir, cfg)
-    if manager.latest_step() != total:
-        raise FileNotFoundError(f"{checkpoint_dir}: expected the final checkpoint at step {total}, "
-                                f"found {manager.latest_step()}")
     trainer = Trainer(model, cfg, mesh, total, seed)
+    trainer.check_checkpoints(checkpoint_dir)  # another setup's checkpoints: say so, not "no final step"
+    manager = checkpoint_manager(checkpoint_dir, cfg)
+    latest = manager.latest_step()
+    if latest != total:
+        manager.close()
+        found = "none" if latest is None else f"step {latest}"
+        raise FileNotFoundError(f"{checkpoint_dir}: expected the final checkpoint at step {total}, found {found}: "
+                                f"{_redo_checkpoints(checkpoint_dir)}")
     trainer.restore(manager, total)
     manager.close()
     trainer.sync_model()

@@ -17,7 +17,6 @@ c % n == p (give the retriever a process-local mesh), then writes
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import re
 import time
@@ -28,7 +27,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from umr_jax import atomic, faults, preemption
+from umr_jax import atomic, faults, preemption, storage
 from umr_jax.data.readers import OnError, Passage, ReadReport, check_on_error, iter_passage_chunks
 
 
@@ -61,7 +60,7 @@ class EmbeddingStore:
     def chunk_indices(self) -> list[int]:
         """Chunks whose commit marker exists (their data files are checked on read)."""
         found = []
-        for path in glob.glob(os.path.join(self.directory, "chunk-*.json")):
+        for path in storage.glob(self.directory, "chunk-*.json"):
             m = re.fullmatch(r"chunk-(\d+)\.json", os.path.basename(path))
             if m:
                 found.append(int(m.group(1)))
@@ -91,9 +90,8 @@ class EmbeddingStore:
         marker = self._path(chunk, ".json")
         try:
             meta = atomic.read_json(marker)
-            emb = np.load(self._path(chunk, ".npy"), mmap_mode="r" if mmap else None, allow_pickle=False)
-            with open(self._path(chunk, ".ids.txt"), encoding="utf-8") as f:
-                ids = f.read().splitlines()
+            emb = storage.load_npy(self._path(chunk, ".npy"), mmap=mmap)
+            ids = storage.read_text(self._path(chunk, ".ids.txt")).splitlines()
         except (OSError, ValueError, KeyError) as e:
             raise StoreError(f"{marker}: chunk unreadable ({e})") from None
         if emb.shape[0] != meta["count"] or len(ids) != meta["count"]:
@@ -104,6 +102,27 @@ class EmbeddingStore:
     def mark_done(self, process_index: int, process_count: int, num_chunks: int, report: ReadReport) -> None:
         atomic.write_json(os.path.join(self.directory, f"done-{process_index}-of-{process_count}.json"),
                           {"num_chunks": num_chunks, "report": report.to_dict()})
+
+    def expected_files(self) -> list[str]:
+        """The files of a finished store: the done markers of every process (of the process count that finished
+        it) and every chunk's three files up to the markers' chunk count; missing ones mean a damaged store."""
+        markers: dict[int, dict[int, str]] = {}
+        for path in storage.glob(self.directory, "done-*-of-*.json"):
+            m = re.fullmatch(r"done-(\d+)-of-(\d+)\.json", os.path.basename(path))
+            if m:
+                markers.setdefault(int(m.group(2)), {})[int(m.group(1))] = path
+        # The process count whose markers are all there, else the one with the most (its missing ones named).
+        n = max(markers, key=lambda k: (len(markers[k]) == k, len(markers[k])), default=1)
+        files = [os.path.join(self.directory, f"done-{p}-of-{n}.json") for p in range(n)]
+
+        def chunk_count(path: str) -> int:
+            try:
+                return int(atomic.read_json(path)["num_chunks"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return 0  # a damaged marker: its chunks are checked when read
+
+        num_chunks = max((chunk_count(path) for path in markers.get(n, {}).values()), default=0)
+        return files + [self._path(c, suffix) for c in range(num_chunks) for suffix in (".json", ".npy", ".ids.txt")]
 
     def load(self, process_index: int = 0, process_count: int = 1) -> tuple[list[str], np.ndarray]:
         """Chunks joined in corpus order: all, or process p's shard of n (chunks c with c % n == p).
@@ -173,7 +192,7 @@ def encode_corpus(encode: Callable[..., np.ndarray], source: ChunkSource, out_di
     Re-running after a kill redoes only the chunks without a valid marker.
     """
     store = EmbeddingStore(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     done = store.valid_chunks()
     if done:
         logging.info("%s: %d chunks already encoded, resuming", out_dir, len(done))

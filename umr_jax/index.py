@@ -32,7 +32,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from umr_jax import atomic
+from umr_jax import atomic, storage
 
 BACKENDS = ("scann", "exact")
 
@@ -155,12 +155,14 @@ class ScannIndex:
             self.searcher.serialize(tmp, relative_path=True)
             atomic.write_json(os.path.join(tmp, "index.json"), {
                 "backend": "scann", "size": self.size, "dim": self.dim, "params": self.params})
-        atomic.replace_dir(directory, write)
+        atomic.replace_dir(directory, write, commit="index.json")
 
     @classmethod
     def load(cls, directory: str, meta: dict) -> ScannIndex:
         from scann.scann_ops.py import scann_ops_pybind
-        return cls(scann_ops_pybind.load_searcher(directory), meta["size"], meta["dim"], meta["params"])
+        with storage.local_copy(directory) as local:  # ScaNN reads a local directory (a bucket's: downloaded)
+            searcher = scann_ops_pybind.load_searcher(local)
+        return cls(searcher, meta["size"], meta["dim"], meta["params"])
 
 
 # ----------------------------------------------------------------------------- exact, on device
@@ -230,11 +232,11 @@ class ExactIndex:
             np.save(os.path.join(tmp, "embeddings.npy"), self.host, allow_pickle=False)
             atomic.write_json(os.path.join(tmp, "index.json"), {
                 "backend": "exact", "size": self.size, "dim": self.dim})
-        atomic.replace_dir(directory, write)
+        atomic.replace_dir(directory, write, commit="index.json")
 
     @classmethod
     def load(cls, directory: str, mesh: Mesh, cfg: ml_collections.ConfigDict) -> ExactIndex:
-        return cls(np.load(os.path.join(directory, "embeddings.npy"), allow_pickle=False), mesh, cfg)
+        return cls(storage.load_npy(os.path.join(directory, "embeddings.npy")), mesh, cfg)
 
 
 # ----------------------------------------------------------------------------- one entry point
@@ -255,7 +257,7 @@ def build_index(embeddings: np.ndarray, cfg: ml_collections.ConfigDict, mesh: Me
 
 def load_index(directory: str, cfg: ml_collections.ConfigDict, mesh: Mesh | None = None) -> SearchIndex:
     marker = os.path.join(directory, "index.json")
-    if not os.path.exists(marker):
+    if not storage.exists(marker):
         raise FileNotFoundError(f"{directory}: no index.json; the index was never saved completely")
     meta = atomic.read_json(marker)
     if meta.get("backend") == "scann":

@@ -59,12 +59,14 @@ from umr_jax import (
     retriever,
     run_files,
     sharding,
+    storage,
     tasks,
     teacher,
+    workdir_lock,
 )
 from umr_jax.data.readers import Query
 from umr_jax.models.hf_checkpoint import HUB_ID, check_local_weights
-from umr_jax.search import load_or_build_index, search_queries
+from umr_jax.search import load_or_build_index, saved_index_files, search_queries
 from umr_jax.workdir import RunDir
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
@@ -100,9 +102,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 def read_scores(path: str, count: int) -> np.ndarray | None:
     """A committed chunk of teacher scores, or None if it is missing, unreadable, short or not finite."""
     try:
-        scores = np.load(path, allow_pickle=False)
+        scores = storage.load_npy(path)
     except (OSError, ValueError, EOFError) as e:
-        if os.path.exists(path):
+        if storage.exists(path):
             logging.warning("rescoring %s: unreadable (%s)", path, e)
         return None
     if scores.shape != (count,) or scores.dtype != np.float32 or not np.all(np.isfinite(scores)):
@@ -137,24 +139,37 @@ class Run:
         self.cfg = cfg
         if cfg.compilation_cache_dir and not jax.config.jax_compilation_cache_dir:
             jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache_dir))
-        # Process 0 creates the workdir and its config record; the others then check against it.
+        # One run per workdir: process 0 takes <workdir>/lock.json before anything is written there
+        # and holds it until `close` (the other processes of this run work under it); another run's
+        # live lock ends this one here, before any model work (umr_jax/workdir_lock.py).
         self.primary = distributed.is_primary()
-        self.dir = RunDir(workdir, cfg, writable=True) if self.primary else None
-        distributed.barrier("workdir")
-        self.dir = self.dir or RunDir(workdir, cfg, writable=False)
-        # Encoding, search and teacher scoring run on this process's devices (each
-        # its share of the work); training on one mesh over all processes' devices.
-        self.mesh = sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model"), devices=jax.local_devices())
-        self.train_mesh = (self.mesh if jax.process_count() == 1
-                           else sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model")))
-        self.task = tasks.build_task(cfg.task, cfg.data, int(cfg.seed))
-        logging.info("task %s: %d training queries, %d dev queries, corpus %s", self.task.name,
-                     len(self.task.train_queries), len(self.task.dev_queries),
-                     f"{len(self.task.passages)} passages" if self.task.passages is not None
-                     else self.task.corpus_path)
-        self.retriever = retriever.Retriever.from_config(cfg.retriever, self.mesh, seed=int(cfg.seed))
-        self.model_round = 0  # which round's weights the retriever holds
-        self.scalars = report.Scalars(self.dir.sub("tensorboard"), enabled=self.primary)
+        self.lock = workdir_lock.acquire(workdir, cfg.reliability) if self.primary else None
+        try:
+            # Process 0 creates the workdir and its config record; the others then check against it.
+            self.dir = RunDir(workdir, cfg, writable=True) if self.primary else None
+            distributed.barrier("workdir")
+            self.dir = self.dir or RunDir(workdir, cfg, writable=False)
+            # Encoding, search and teacher scoring run on this process's devices (each
+            # its share of the work); training on one mesh over all processes' devices.
+            self.mesh = sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model"), devices=jax.local_devices())
+            self.train_mesh = (self.mesh if jax.process_count() == 1
+                               else sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model")))
+            self.task = tasks.build_task(cfg.task, cfg.data, int(cfg.seed))
+            logging.info("task %s: %d training queries, %d dev queries, corpus %s", self.task.name,
+                         len(self.task.train_queries), len(self.task.dev_queries),
+                         f"{len(self.task.passages)} passages" if self.task.passages is not None
+                         else self.task.corpus_path)
+            self.retriever = retriever.Retriever.from_config(cfg.retriever, self.mesh, seed=int(cfg.seed))
+            self.model_round = 0  # which round's weights the retriever holds
+            self.scalars = report.Scalars(self.dir.sub("tensorboard"), enabled=self.primary)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Releases the workdir (idempotent); `run()` does it when the run ends, however it ends."""
+        if self.lock is not None:
+            self.lock.release()
 
     def round_dir(self, r: int, *parts: str) -> str:
         return self.dir.sub(f"round-{r}", *parts)
@@ -283,7 +298,7 @@ class Run:
         if missing:
             raise RuntimeError(f"{directory}: chunks {missing[:5]} missing or invalid after every process scored; "
                                "did one fail? re-run the same command")
-        return np.concatenate([np.load(path(c)) for c in range(num_chunks)])
+        return np.concatenate([storage.load_npy(path(c)) for c in range(num_chunks)])
 
     def teacher_scores(self, r: int) -> dict:
         """Scores the previous round's training top-k."""
@@ -342,7 +357,7 @@ class Run:
 
     def training_set(self, r: int) -> distill.TrainingSet:
         rankings = run_files.read_jsonl(self.round_dir(r - 1, "run-train.jsonl"))
-        scores = np.load(self.round_dir(r, "teacher", "scores.npy"))
+        scores = storage.load_npy(self.round_dir(r, "teacher", "scores.npy"))
         k = scores.shape[1]
         passage_ids = sorted({p for x in rankings for p in x.passage_ids[:k]})
         position = {p: i for i, p in enumerate(passage_ids)}
@@ -385,25 +400,45 @@ class Run:
     # --------------------------------------------------------------- the loop
 
     def stage(self, name: str, fn, **options) -> None:
-        """Runs a stage unless recorded; every process finishes it before any starts the next."""
+        """Runs a stage unless recorded (every process finishes it before any starts the next: RunDir.stage
+        meets the others before recording it); stops here if a process got a preemption notice."""
         self.dir.stage(name, fn, **options)
-        distributed.barrier(name)
         preemption.stop_if_agreed(f"after stage {name}")
 
     def run(self) -> list[dict]:
         rounds = int(self.cfg.rounds)
+        final_step = str(distill.steps_for(len(self.task.train_queries), self.cfg.train))
+
+        def stage(name: str, fn, outputs) -> None:
+            """A stage, if this run still holds the workdir; `outputs` (relative to the workdir, or a function
+            giving them) must exist when the manifest says the stage is done."""
+            if self.lock is not None:
+                self.lock.check()
+            self.stage(name, fn, outputs=outputs)
+
         for r in range(rounds + 1):
-            self.stage(f"round-{r}/encode", lambda r=r: self.encode(r))
-            self.stage(f"round-{r}/index", lambda r=r: self.build_index(r))
-            self.stage(f"round-{r}/retrieve", lambda r=r: self.retrieve(r))
-            self.stage(f"round-{r}/evaluate", lambda r=r: self.evaluate(r))
+            d = f"round-{r}"
+            # Embeddings and the index are read only by the round's next stage: once it is done
+            # they may be deleted to save disk (18M x 768 float32 is 55 GB a round).
+            stage(f"{d}/encode", lambda r=r: self.encode(r),
+                  lambda r=r, d=d: [] if self.dir.done(f"{d}/index") else
+                  encode.EmbeddingStore(self.round_dir(r, "embeddings")).expected_files())
+            stage(f"{d}/index", lambda r=r: self.build_index(r),
+                  lambda r=r, d=d: [] if self.dir.done(f"{d}/retrieve") else
+                  saved_index_files(self.round_dir(r, "index")))
+            stage(f"{d}/retrieve", lambda r=r: self.retrieve(r),
+                  [f"{d}/run-dev.jsonl"] + ([f"{d}/run-train.jsonl"] if r < rounds else []))
+            stage(f"{d}/evaluate", lambda r=r: self.evaluate(r), [f"{d}/metrics.json"])
             if r == 0 and int(self.cfg.rerank.queries_per_language):
-                self.stage("round-0/rerank", lambda: self.rerank(0))
+                stage("round-0/rerank", lambda: self.rerank(0), [
+                    f"round-0/{f}" for f in ("rerank-metrics.json", "run-dev-student.jsonl", "run-dev-rerank.jsonl")])
             if r < rounds:
-                self.stage(f"round-{r + 1}/teacher", lambda r=r: self.teacher_scores(r + 1))
-                self.stage(f"round-{r + 1}/train", lambda r=r: self.train(r + 1))
+                n = f"round-{r + 1}"
+                stage(f"{n}/teacher", lambda r=r: self.teacher_scores(r + 1), [f"{n}/teacher/scores.npy"])
+                stage(f"{n}/train", lambda r=r: self.train(r + 1), [f"{n}/checkpoints/{final_step}"])
         if self.cfg.export:
-            self.stage("export", self.export)
+            stage("export", self.export,
+                  [f"export/{t}/{f}" for t in retriever.TOWERS for f in ("config.json", "model.safetensors")])
         distributed.barrier("run finished")
         tables = [atomic.read_json(self.round_dir(r, "metrics.json")) for r in range(rounds + 1)]
         self.write_summary(tables)
@@ -423,7 +458,12 @@ class Run:
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-    return Run(cfg, workdir).run()
+    """One run from start (or resumption) to finish; the workdir's lock is released however it ends."""
+    umr = Run(cfg, workdir)
+    try:
+        return umr.run()
+    finally:
+        umr.close()
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -439,7 +479,8 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
     f = flags.FLAGS
-    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                           peer_timeout_seconds=f.config.reliability.peer_timeout_seconds)
     preemption.install(f.config.reliability.preemption_signals)  # after JAX's runtime, which may set its own
     try:
         tables = run(f.config, f.workdir)

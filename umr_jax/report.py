@@ -2,13 +2,44 @@
 
 from __future__ import annotations
 
-import os
+import io
 from collections.abc import Mapping, Sequence
 
 from absl import logging
 
-from umr_jax import atomic
+from umr_jax import atomic, storage
 from umr_jax.evaluate import AVERAGE
+
+
+class _BucketEventFile:
+    """An event file on a bucket, written through umr_jax.storage: each flush uploads the whole file again as
+    one object (tensorboardX's own gs:// writer would need google-cloud-storage and bypass the layer)."""
+
+    def __init__(self, url: str):
+        self.url, self.buffer, self.dirty = url, io.BytesIO(), False
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+        self.dirty = True
+
+    def flush(self) -> None:
+        if self.dirty:
+            with atomic.atomic_open(self.url, "wb") as f:
+                f.write(self.buffer.getvalue())
+            self.dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _BucketEventFiles:
+    """tensorboardX's writer factory for a URL scheme."""
+
+    def open(self, path: str) -> _BucketEventFile:
+        return _BucketEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # a bucket has no directories to make
 
 
 class Scalars:
@@ -18,6 +49,9 @@ class Scalars:
         self._writer = None
         if enabled:
             from tensorboardX import SummaryWriter
+            if storage.is_remote(directory):
+                from tensorboardX import record_writer
+                record_writer.register_writer_factory(directory.split("://", 1)[0], _BucketEventFiles())
             self._writer = SummaryWriter(directory, flush_secs=30)
 
     def __call__(self, tag: str, value: float, step: int) -> None:
@@ -57,4 +91,4 @@ def plot_rounds(path: str, tables: Sequence[Mapping[str, Mapping[str, float]]], 
     with atomic.atomic_open(path, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
-    logging.info("wrote %s", os.path.abspath(path))
+    logging.info("wrote %s", storage.resolve(path))

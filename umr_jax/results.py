@@ -24,7 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax.traverse_util import flatten_dict
 
-from umr_jax import atomic, cli, run_files, tasks
+from umr_jax import atomic, cli, run_files, storage, tasks
 from umr_jax.data.readers import Query
 from umr_jax.evaluate import AVERAGE, by_language
 from umr_jax.workdir import CONFIG, MANIFEST
@@ -99,7 +99,7 @@ class FinishedRun:
 
     def __init__(self, workdir: str):
         path = os.path.join(workdir, CONFIG)
-        if not os.path.exists(path):
+        if not storage.exists(path):
             raise FileNotFoundError(f"{workdir}: no {CONFIG}; is this a umr_jax.main workdir?")
         self.dir = workdir
         self.cfg = ml_collections.ConfigDict(atomic.read_json(path))

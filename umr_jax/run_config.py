@@ -66,11 +66,14 @@ def reliability() -> ml_collections.ConfigDict:
     cfg.preemption_signals = ("SIGTERM",)
     # The workdir lock (<workdir>/lock.json) is refreshed this often by its holder ...
     cfg.lock_heartbeat_seconds = 30
-    # ... and taken over when its holder is gone: at once for a dead pid on this host,
-    # after this long without a refresh for a holder on another host.
+    # ... and taken over when its holder is gone: at once for a dead (or reused) pid on
+    # this host, after this long without a refresh for a holder on another host (more
+    # than lock_heartbeat_seconds; clocks of the hosts must agree to well within it).
     cfg.lock_stale_seconds = 300
-    # A process that stops sending heartbeats for this long is dead: the others stop
-    # with a message naming it and the stage (instead of waiting forever).
+    # Multi-process runs: a process whose heartbeats stop for this long is dead; the others
+    # stop with one line naming it and the stage, exit status 69 (umr_jax/distributed.py).
+    # A slow process is waited for as long as it takes. JAX's own heartbeat timeout, which
+    # aborts every process, becomes 2x this + 30 s: a backstop.
     cfg.peer_timeout_seconds = 120
     return cfg
 

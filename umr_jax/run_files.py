@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from umr_jax import atomic
+from umr_jax import atomic, storage
 from umr_jax.data.readers import InputError
 
 
@@ -50,7 +50,7 @@ def write_trec(path: str | os.PathLike, rankings: Sequence[Ranking], tag: str = 
 def read_jsonl(path: str | os.PathLike) -> list[Ranking]:
     path = str(path)
     rankings = []
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path) as f:
         for line_no, line in enumerate(f, start=1):
             try:
                 d = json.loads(line)

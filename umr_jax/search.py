@@ -8,13 +8,14 @@ without importing each other.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from umr_jax import encode, faults, index, retriever, run_files
+from umr_jax import encode, faults, index, retriever, run_files, storage
 from umr_jax.data.readers import Query
 
 
@@ -28,6 +29,18 @@ def search_queries(model: retriever.Retriever, idx: index.SearchIndex, passage_i
                                           result.scores, result.indices)
 
 
+def saved_index_files(directory: str) -> list[str]:
+    """The marker files of a saved index: `directory`/index.json, or one per shard of a multi-process run."""
+    if storage.exists(os.path.join(directory, "index.json")):
+        return [os.path.join(directory, "index.json")]
+    shards = [re.fullmatch(r"shard-\d+-of-(\d+)", name) for name in storage.listdir(directory)
+              if storage.isdir(os.path.join(directory, name))] if storage.isdir(directory) else []
+    counts = sorted({int(m.group(1)) for m in shards if m})
+    if not counts:
+        return [os.path.join(directory, "index.json")]
+    return [os.path.join(directory, f"shard-{p}-of-{counts[-1]}", "index.json") for p in range(counts[-1])]
+
+
 def load_or_build_index(store: encode.EmbeddingStore, directory: str, cfg: ml_collections.ConfigDict,
                         mesh: Mesh, k: int, process_index: int = 0,
                         process_count: int = 1) -> tuple[list[str], index.SearchIndex]:
@@ -39,7 +52,7 @@ def load_or_build_index(store: encode.EmbeddingStore, directory: str, cfg: ml_co
     ids, embeddings = store.load(process_index, process_count)
     if process_count > 1:
         directory = os.path.join(directory, f"shard-{process_index}-of-{process_count}")
-    if os.path.exists(os.path.join(directory, "index.json")):
+    if storage.exists(os.path.join(directory, "index.json")):
         logging.info("reusing the index in %s", directory)
         return ids, index.load_index(directory, cfg, mesh)
     idx = index.build_index(embeddings, cfg, mesh, k=k)

@@ -119,7 +119,6 @@ def interrupted_run(workdir: pathlib.Path, cache: pathlib.Path, rng: np.random.G
     while len(log) < kills:
         sig = signal.SIGKILL if rng.random() < 0.5 else signal.SIGTERM
         delay = float(rng.uniform(0.0, 0.9 * schedule.remaining(workdir)))
-        at = f"after {list(stages(workdir))[-1]}" if stages(workdir) else "in the first stage"
         proc = start(workdir, cache)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=delay)
@@ -140,7 +139,7 @@ def interrupted_run(workdir: pathlib.Path, cache: pathlib.Path, rng: np.random.G
         expected = {-signal.SIGKILL} if sig == signal.SIGKILL else {75, -signal.SIGTERM, 0}
         if proc.returncode not in expected:
             return log, f"{sig.name} at {delay:.1f}s: exit status {proc.returncode}: {tail(workdir)}"
-        log.append(f"{sig.name} at {delay:.1f}s ({at}, during {doing}) -> {proc.returncode}")
+        log.append(f"{sig.name} at {delay:.1f}s during {doing} -> {proc.returncode}")
         if proc.returncode == 0:
             break
     if run_to_end(workdir, cache) != 0:

@@ -25,18 +25,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_reach_the_single_process_result(tiny_run, tmp_path):
-    workdir = tmp_path / "run"
-    port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}  # 2 x 4 = the 8 of tiny_run
-    procs = [subprocess.Popen([sys.executable, "-m", "umr_jax.main", f"--config={ROOT / 'configs' / 'tiny.py'}",
-                               f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
-                               "--num_processes=2", f"--process_id={i}"],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outputs = [p.communicate(timeout=900) for p in procs]
-    for p, (_, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, err[-3000:]
+def _assert_two_process_run_equals_the_single_process_run(workdir: pathlib.Path, tiny_run: pathlib.Path) -> None:
+    """What a 2-process run of the tiny config must leave (the dead-peer test's re-run is one, to the end)."""
     # Each process did its share: its own embedding chunks, index shard and rankings; the pair chunks split.
     embeddings = workdir / "round-0" / "embeddings"
     assert (embeddings / "done-0-of-2.json").exists() and (embeddings / "done-1-of-2.json").exists()
@@ -132,7 +122,7 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[float]:
     return ended
 
 
-def test_a_dead_process_stops_the_other_within_the_peer_timeout_and_the_rerun_finishes(tiny_run, tmp_path):
+def test_a_dead_process_stops_the_other_in_time_and_the_rerun_reaches_the_single_process_result(tiny_run, tmp_path):
     workdir, timeout = tmp_path / "run", 10
     procs = _launch_two(workdir, f"--config.reliability.peer_timeout_seconds={timeout}",
                         kill_process_1_at="encode.chunk_committed")
@@ -152,7 +142,9 @@ def test_a_dead_process_stops_the_other_within_the_peer_timeout_and_the_rerun_fi
     _wait_all(procs, 900)
     for i, p in enumerate(procs):
         assert p.returncode == 0, pathlib.Path(f"{workdir}.err{i}").read_text()[-3000:]
-    _assert_close_result(workdir, tiny_run)
+    # The re-run is a whole 2-process run (round-0/encode redone on, the rest from nothing): the multi-host
+    # test of the suite (one 2-process run to the end is all the 2-core CI can afford).
+    _assert_two_process_run_equals_the_single_process_run(workdir, tiny_run)
 
 
 PEERS = """

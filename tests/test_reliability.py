@@ -85,6 +85,25 @@ def test_a_checkpoint_without_its_commit_is_ignored(tmp_path):
     assert summary["resumed_at"] == 2
 
 
+def test_the_temporary_directory_of_a_killed_writer_is_swept_by_the_next_sole_writer(tmp_path):
+    """A run killed while exporting a tower or saving an index leaves `<dir>.tmp-*` (a whole model or index)."""
+    export = tmp_path / "export"
+    left = export / "passage.tmp-killed"
+    (left / "sub").mkdir(parents=True)
+    (left / "sub" / "model.safetensors").write_bytes(b"\0" * 64)
+    (export / "passage2.tmp-other").mkdir()  # another directory's: not swept
+
+    def write(directory: str) -> None:
+        pathlib.Path(directory, "config.json").write_text("{}")
+
+    atomic.replace_dir(export / "passage", write, sole_writer=True)
+    assert sorted(p.name for p in export.iterdir()) == ["passage", "passage2.tmp-other"]
+    assert [p.name for p in (export / "passage").iterdir()] == ["config.json"]
+    (export / "passage.tmp-busy").mkdir()  # a shared cache: another run may be writing it right now
+    atomic.replace_dir(export / "passage", write)
+    assert (export / "passage.tmp-busy").is_dir()
+
+
 # ----------------------------------------------------------------------------- bad input, property-based
 
 SAFE_TEXT = st.text(st.characters(blacklist_characters='\t\n\r"\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029',

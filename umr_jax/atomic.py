@@ -11,6 +11,7 @@ uploaded file by file with its commit file last.
 from __future__ import annotations
 
 import contextlib
+import glob as globlib
 import json
 import os
 import shutil
@@ -79,8 +80,13 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def replace_dir(directory: str | os.PathLike, write: Callable[[str], None], commit: str | None = None) -> str:
+def replace_dir(directory: str | os.PathLike, write: Callable[[str], None], commit: str | None = None, *,
+                sole_writer: bool = False) -> str:
     """Fills a temporary sibling directory with `write(tmp)`, then swaps it in for `directory`.
+
+    `sole_writer`: nothing else writes `directory` now (a workdir's outputs, under its lock), so the
+    temporary siblings that killed writers left (an index or a model: gigabytes) are removed first.
+    Shared caches, which two runs may fill at once, keep the default.
 
     On a bucket `write` fills a local temporary directory, which is then uploaded in place of
     `directory` (storage.upload_dir): the old `commit` file is deleted first and the new one
@@ -95,7 +101,11 @@ def replace_dir(directory: str | os.PathLike, write: Callable[[str], None], comm
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(directory) + ".tmp-", dir=parent)
+    prefix = os.path.basename(directory) + ".tmp-"
+    if sole_writer:
+        for stale in globlib.glob(os.path.join(globlib.escape(parent), globlib.escape(prefix) + "*")):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     os.chmod(tmp, 0o755)
     try:
         write(tmp)

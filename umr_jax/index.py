@@ -155,7 +155,7 @@ class ScannIndex:
             self.searcher.serialize(tmp, relative_path=True)
             atomic.write_json(os.path.join(tmp, "index.json"), {
                 "backend": "scann", "size": self.size, "dim": self.dim, "params": self.params})
-        atomic.replace_dir(directory, write, commit="index.json")
+        atomic.replace_dir(directory, write, commit="index.json", sole_writer=True)
 
     @classmethod
     def load(cls, directory: str, meta: dict) -> ScannIndex:
@@ -232,7 +232,7 @@ class ExactIndex:
             np.save(os.path.join(tmp, "embeddings.npy"), self.host, allow_pickle=False)
             atomic.write_json(os.path.join(tmp, "index.json"), {
                 "backend": "exact", "size": self.size, "dim": self.dim})
-        atomic.replace_dir(directory, write, commit="index.json")
+        atomic.replace_dir(directory, write, commit="index.json", sole_writer=True)
 
     @classmethod
     def load(cls, directory: str, mesh: Mesh, cfg: ml_collections.ConfigDict) -> ExactIndex:

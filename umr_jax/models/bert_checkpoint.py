@@ -167,4 +167,4 @@ def export_hf(encoder: BertEncoder, tokenizer: Any, out_dir: str,
             for name in names:
                 os.chmod(os.path.join(root, name), 0o644)
 
-    return atomic.replace_dir(out_dir, write, commit="config.json")  # on a bucket: uploaded last
+    return atomic.replace_dir(out_dir, write, commit="config.json", sole_writer=True)  # on a bucket: uploaded last

@@ -114,6 +114,38 @@ def run_tiny(workdir: pathlib.Path, *flags: str, env: dict | None = None) -> sub
                           timeout=600)
 
 
+def recorded_stages(workdir: pathlib.Path) -> dict:
+    """The stages a run's manifest.json records, with their entries ({} before the first)."""
+    path = workdir / "manifest.json"
+    return json.loads(path.read_text())["stages"] if path.exists() else {}
+
+
+def run_kill_chain(workdir: pathlib.Path, chain: Sequence[tuple[str, str]],
+                   run: Callable[[dict], subprocess.CompletedProcess]) -> dict[str, int]:
+    """Runs `run(env)` once per (fault point, stage) of `chain`, each SIGKILLed at its point (UMR_JAX_KILL_AT):
+    the killed stage is not recorded and no finished stage is redone. Returns the mtimes (ns) of the first
+    chunk that encoding and teacher scoring committed, for the caller to check that the resume kept them."""
+    import signal
+
+    from umr_jax import faults
+
+    assert {p for p, _ in chain} <= set(faults.POINTS)
+    marks: dict[str, int] = {}
+    for point, stage in chain:
+        before = recorded_stages(workdir)
+        done = run({faults.ENV: point})
+        assert done.returncode == -signal.SIGKILL, (point, done.stderr[-3000:])
+        after = recorded_stages(workdir)
+        assert stage not in after, point  # killed inside the stage: not recorded
+        assert {k: v["finished"] for k, v in before.items()} == \
+            {k: after[k]["finished"] for k in before}, f"{point}: a finished stage was redone"
+        if point == "encode.chunk_committed":
+            marks["chunk"] = (workdir / "round-0/embeddings/chunk-000000.json").stat().st_mtime_ns
+        if point == "teacher.chunk_committed":
+            marks["teacher"] = (workdir / "round-1/teacher/chunk-000000.npy").stat().st_mtime_ns
+    return marks
+
+
 def assert_same_result(workdir: pathlib.Path, reference: pathlib.Path) -> None:
     """A resumed run ends as the uninterrupted one: the same dev metrics, the same exported towers, bit for bit."""
     from safetensors.numpy import load_file

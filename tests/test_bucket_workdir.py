@@ -6,10 +6,8 @@ and renames files by copy and delete, with Orbax's TensorStore kvstores routed t
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 
@@ -17,8 +15,8 @@ import gcs_standin
 import numpy as np
 import pytest
 
-from helpers import assert_same_result
-from umr_jax import atomic, faults, storage, workdir_lock
+from helpers import assert_same_result, recorded_stages, run_kill_chain
+from umr_jax import atomic, storage, workdir_lock
 from umr_jax.data.readers import ReadReport
 from umr_jax.encode import EmbeddingStore
 
@@ -133,33 +131,16 @@ def _run_on_bucket(root: pathlib.Path, env: dict | None = None) -> subprocess.Co
 
 
 def test_a_run_on_a_bucket_killed_in_every_long_stage_resumes_to_the_same_result(tiny_run, tmp_path):
-    assert {p for p, _ in KILL_CHAIN} <= set(faults.POINTS)
     (tmp_path / "bucket").mkdir()
     workdir = tmp_path / "bucket" / "run"  # where the stand-in keeps gs://bucket/run
-
-    def stages() -> dict:
-        path = workdir / "manifest.json"
-        return json.loads(path.read_text())["stages"] if path.exists() else {}
-
-    marks: dict[str, int] = {}
-    for point, stage in KILL_CHAIN:
-        before = stages()
-        done = _run_on_bucket(tmp_path, env={faults.ENV: point})
-        assert done.returncode == -signal.SIGKILL, (point, done.stderr[-3000:])
-        after = stages()
-        assert stage not in after, point
-        assert {k: v["finished"] for k, v in before.items()} == {k: after[k]["finished"] for k in before}, point
-        if point == "encode.chunk_committed":
-            marks["chunk"] = (workdir / "round-0/embeddings/chunk-000000.json").stat().st_mtime_ns
-        if point == "teacher.chunk_committed":
-            marks["teacher"] = (workdir / "round-1/teacher/chunk-000000.npy").stat().st_mtime_ns
+    marks = run_kill_chain(workdir, KILL_CHAIN, lambda env: _run_on_bucket(tmp_path, env=env))
     done = _run_on_bucket(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"metrics: {URL}/metrics.json" in done.stdout
     # Committed chunks and checkpoints were kept, not redone; Orbax committed steps with its commit file.
     assert (workdir / "round-0/embeddings/chunk-000000.json").stat().st_mtime_ns == marks["chunk"]
     assert (workdir / "round-1/teacher/chunk-000000.npy").stat().st_mtime_ns == marks["teacher"]
-    assert stages()["round-1/train"]["info"]["resumed_at"] == 2
+    assert recorded_stages(workdir)["round-1/train"]["info"]["resumed_at"] == 2
     assert (workdir / "round-1/checkpoints/4/commit_success.txt").exists()
     # Nothing was renamed on the bucket (no directory, not even a file), nothing written beside it.
     assert gcs_standin.renames(tmp_path) == []

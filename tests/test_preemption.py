@@ -3,22 +3,15 @@ exits with status 75, and the same command resumes there with nothing redone and
 
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from helpers import assert_same_result, run_tiny
+from helpers import assert_same_result, recorded_stages, run_tiny
 from umr_jax import faults, preemption
-
-
-def _stages(workdir: pathlib.Path) -> dict:
-    path = workdir / "manifest.json"
-    return json.loads(path.read_text())["stages"] if path.exists() else {}
 
 
 def _notice_at(point: str) -> dict[str, str]:
@@ -40,7 +33,7 @@ def test_sigterm_in_each_chunked_stage_stops_at_the_boundary_and_resumes_with_no
     done = run_tiny(workdir, env=_notice_at("encode.chunk_encoded@2"))
     _preempted(done, "after committing corpus chunk 1")
     assert sorted(p.name for p in embeddings.glob("chunk-*.json")) == ["chunk-000000.json", "chunk-000001.json"]
-    assert "round-0/encode" not in _stages(workdir)
+    assert "round-0/encode" not in recorded_stages(workdir)
     committed = {p.name: p.stat().st_mtime_ns for p in embeddings.glob("chunk-*")}
 
     # Teacher: the notice arrives while the first chunk of pairs is scored; it is committed, the next is not.
@@ -48,19 +41,19 @@ def test_sigterm_in_each_chunked_stage_stops_at_the_boundary_and_resumes_with_no
     _preempted(done, "after committing")
     assert sorted(p.name for p in teacher.glob("chunk-*.npy")) == ["chunk-000000.npy"]
     assert {p.name: p.stat().st_mtime_ns for p in embeddings.glob("chunk-*") if p.name in committed} == committed
-    assert "round-0/encode" in _stages(workdir) and "round-1/teacher" not in _stages(workdir)
+    assert "round-0/encode" in recorded_stages(workdir) and "round-1/teacher" not in recorded_stages(workdir)
     scored = (teacher / "chunk-000000.npy").stat().st_mtime_ns
 
     # Training: the notice arrives during step 3 of 4 (index 2); that step ends, is checkpointed, the run stops.
     done = run_tiny(workdir, env=_notice_at("train.step_started@3"))
     _preempted(done, "after step 3 of 4")
     assert (teacher / "chunk-000000.npy").stat().st_mtime_ns == scored
-    assert "round-1/teacher" in _stages(workdir) and "round-1/train" not in _stages(workdir)
+    assert "round-1/teacher" in recorded_stages(workdir) and "round-1/train" not in recorded_stages(workdir)
     assert (workdir / "round-1" / "checkpoints" / "3").is_dir()  # not a checkpoint_every (2) step
 
     done = run_tiny(workdir)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert _stages(workdir)["round-1/train"]["info"]["resumed_at"] == 3  # zero steps redone
+    assert recorded_stages(workdir)["round-1/train"]["info"]["resumed_at"] == 3  # zero steps redone
     assert_same_result(workdir, tiny_run)
 
 
@@ -68,7 +61,7 @@ def test_a_notice_between_stages_stops_after_the_running_stage(tmp_path):
     workdir = tmp_path / "run"
     done = run_tiny(workdir, "--config.rounds=0", "--config.export=false", env=_notice_at("index.built"))
     _preempted(done, "after stage round-0/index")
-    assert list(_stages(workdir)) == ["round-0/encode", "round-0/index"]
+    assert list(recorded_stages(workdir)) == ["round-0/encode", "round-0/index"]
 
 
 def test_signal_names_are_checked(tmp_path):

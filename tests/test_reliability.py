@@ -7,23 +7,17 @@ import json
 import os
 import pathlib
 import re
-import signal
 
 import hypothesis.strategies as st
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from helpers import assert_same_result, run_tiny
-from umr_jax import atomic, faults
+from helpers import assert_same_result, recorded_stages, run_kill_chain, run_tiny
+from umr_jax import atomic
 from umr_jax.data.readers import InputError, iter_passage_chunks, read_queries_jsonl
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "umr_jax"
-
-
-def _stages(workdir: pathlib.Path) -> dict:
-    path = workdir / "manifest.json"
-    return json.loads(path.read_text())["stages"] if path.exists() else {}
 
 
 # The order in which one run reaches the points: each re-run resumes and dies at the next one.
@@ -39,24 +33,11 @@ KILL_CHAIN = [
 
 
 def test_kill_9_in_every_stage_then_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
-    assert {p for p, _ in KILL_CHAIN} <= set(faults.POINTS)
     workdir = tmp_path / "run"
-    marks: dict[str, float] = {}
-    for point, stage in KILL_CHAIN:
-        before = _stages(workdir)
-        done = run_tiny(workdir, env={faults.ENV: point})
-        assert done.returncode == -signal.SIGKILL, (point, done.stderr[-2000:])
-        after = _stages(workdir)
-        assert stage not in after, point  # killed inside the stage: not recorded
-        assert {k: v["finished"] for k, v in before.items()} == \
-            {k: after[k]["finished"] for k in before}, f"{point}: a finished stage was redone"
-        if point == "encode.chunk_committed":
-            marks["chunk"] = (workdir / "round-0/embeddings/chunk-000000.json").stat().st_mtime_ns
-        if point == "teacher.chunk_committed":
-            marks["teacher"] = (workdir / "round-1/teacher/chunk-000000.npy").stat().st_mtime_ns
+    marks = run_kill_chain(workdir, KILL_CHAIN, lambda env: run_tiny(workdir, env=env))
     done = run_tiny(workdir)
     assert done.returncode == 0, done.stderr[-2000:]
-    stages = _stages(workdir)
+    stages = recorded_stages(workdir)
     # Partial progress inside the killed stages was kept, not redone.
     assert (workdir / "round-0/embeddings/chunk-000000.json").stat().st_mtime_ns == marks["chunk"]
     assert (workdir / "round-1/teacher/chunk-000000.npy").stat().st_mtime_ns == marks["teacher"]

@@ -57,6 +57,9 @@ class EmbeddingStore:
     def _path(self, chunk: int, suffix: str) -> str:
         return os.path.join(self.directory, f"chunk-{chunk:06d}{suffix}")
 
+    def _done_path(self, process_index: int, process_count: int) -> str:
+        return os.path.join(self.directory, f"done-{process_index}-of-{process_count}.json")
+
     def chunk_indices(self) -> list[int]:
         """Chunks whose commit marker exists (their data files are checked on read)."""
         found = []
@@ -100,7 +103,7 @@ class EmbeddingStore:
         return ids, emb, meta
 
     def mark_done(self, process_index: int, process_count: int, num_chunks: int, report: ReadReport) -> None:
-        atomic.write_json(os.path.join(self.directory, f"done-{process_index}-of-{process_count}.json"),
+        atomic.write_json(self._done_path(process_index, process_count),
                           {"num_chunks": num_chunks, "report": report.to_dict()})
 
     def expected_files(self) -> list[str]:
@@ -113,7 +116,7 @@ class EmbeddingStore:
                 markers.setdefault(int(m.group(2)), {})[int(m.group(1))] = path
         # The process count whose markers are all there, else the one with the most (its missing ones named).
         n = max(markers, key=lambda k: (len(markers[k]) == k, len(markers[k])), default=1)
-        files = [os.path.join(self.directory, f"done-{p}-of-{n}.json") for p in range(n)]
+        files = [self._done_path(p, n) for p in range(n)]
 
         def chunk_count(path: str) -> int:
             try:

@@ -105,7 +105,7 @@ def _row(**overrides: object) -> str:
         (_row(id="2", question=None), "missing field 'question'"),
         (_row(id="2", question="  "), "empty question"),
         (_row(id="1"), "duplicate id 1 \\(first seen on line 1\\)"),
-        (_row(id="2", lang="xx"), "unknown language code 'xx'; supported codes: ar, bn"),
+        (_row(id="2", lang="xx"), "unknown language code 'xx'; supported codes: af, am, ar"),
         (_row(id="2", answers=[]), "answers must be a non-empty list"),
         (_row(id="2", split="train"), "row says split 'train'"),
     ],
@@ -294,7 +294,9 @@ def test_downloads_are_used_and_checked(tmp_path, shared_data):
 def test_language_codes_and_names():
     assert languages.normalize_language_code(" ar") == "ar"
     assert languages.normalize_language_code("ZH\n") == "zh"
-    with pytest.raises(ValueError, match=r"^f.jsonl line 3: unknown language code 'xx'; supported codes: ar, bn, "):
+    assert languages.normalize_language_code("zh-Hant") == "zh"
+    assert languages.normalize_language_code("pt_BR") == "pt"
+    with pytest.raises(ValueError, match=r"^f.jsonl line 3: unknown language code 'xx'; supported codes: af, am, ar, "):
         languages.normalize_language_code("xx", source="f.jsonl line 3")
     with pytest.raises(ValueError, match="empty language code '  '"):
         languages.normalize_language_code("  ")

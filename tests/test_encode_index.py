@@ -8,7 +8,7 @@ import pytest
 from helpers import store_is_complete
 from umr_jax import index, run_files, sharding
 from umr_jax.data.readers import Passage
-from umr_jax.encode import EmbeddingStore, StoreError, encode_corpus, list_chunks, tsv_chunks
+from umr_jax.encode import EmbeddingStore, StoreError, encode_corpus, file_chunks, list_chunks
 
 DIM = 8
 
@@ -43,11 +43,11 @@ def test_encode_writes_chunks_and_resumes_after_a_kill(tmp_path):
     corpus, out = _corpus(tmp_path), str(tmp_path / "emb")
     killed = CountingEncoder(fail_at_call=3)
     with pytest.raises(KeyboardInterrupt):
-        encode_corpus(killed, tsv_chunks(corpus, 3, 0, 1, "raise"), out)
+        encode_corpus(killed, file_chunks(corpus, 3, 0, 1, "raise"), out)
     store = EmbeddingStore(out)
     assert store.chunk_indices() == [0, 1] and not store_is_complete(store, 1)
     resumed = CountingEncoder()
-    encode_corpus(resumed, tsv_chunks(corpus, 3, 0, 1, "raise"), out)
+    encode_corpus(resumed, file_chunks(corpus, 3, 0, 1, "raise"), out)
     assert resumed.calls == 2  # only chunks 2 and 3
     assert store_is_complete(store, 1)
     ids, emb = store.load()
@@ -58,14 +58,14 @@ def test_encode_writes_chunks_and_resumes_after_a_kill(tmp_path):
 
 def test_corrupt_chunk_is_detected_and_reencoded(tmp_path):
     corpus, out = _corpus(tmp_path), str(tmp_path / "emb")
-    encode_corpus(fake_encode, tsv_chunks(corpus, 4, 0, 1, "raise"), out)
+    encode_corpus(fake_encode, file_chunks(corpus, 4, 0, 1, "raise"), out)
     npy = tmp_path / "emb" / "chunk-000001.npy"
     npy.write_bytes(npy.read_bytes()[:-7])  # truncated by a crash or a bad copy
     store = EmbeddingStore(out)
     with pytest.raises(StoreError, match="chunk-000001"):
         store.load()
     again = CountingEncoder()
-    encode_corpus(again, tsv_chunks(corpus, 4, 0, 1, "raise"), out)
+    encode_corpus(again, file_chunks(corpus, 4, 0, 1, "raise"), out)
     assert again.calls == 1
     assert store.load()[0] == [f"p{i}" for i in range(10)]
 
@@ -73,11 +73,11 @@ def test_corrupt_chunk_is_detected_and_reencoded(tmp_path):
 def test_two_processes_split_chunks_and_join_in_corpus_order(tmp_path):
     corpus, out = _corpus(tmp_path, 11), str(tmp_path / "emb")
     store = EmbeddingStore(out)
-    encode_corpus(fake_encode, tsv_chunks(corpus, 2, 1, 2, "raise"), out, process_index=1, process_count=2)
+    encode_corpus(fake_encode, file_chunks(corpus, 2, 1, 2, "raise"), out, process_index=1, process_count=2)
     assert store.chunk_indices() == [1, 3, 5] and not store_is_complete(store, 2)
     with pytest.raises(StoreError, match="missing"):
         store.load()
-    encode_corpus(fake_encode, tsv_chunks(corpus, 2, 0, 2, "raise"), out, process_index=0, process_count=2)
+    encode_corpus(fake_encode, file_chunks(corpus, 2, 0, 2, "raise"), out, process_index=0, process_count=2)
     assert store_is_complete(store, 2)
     assert store.load()[0] == [f"p{i}" for i in range(11)]
 

@@ -166,8 +166,8 @@ class EmbeddingStore:
 ChunkSource = Callable[[set[int]], Iterator[tuple[int, list[Passage], ReadReport]]]
 
 
-def tsv_chunks(path: str, chunk_size: int, process_index: int, process_count: int,
-               on_error: OnError) -> ChunkSource:
+def file_chunks(path: str, chunk_size: int, process_index: int, process_count: int,
+                on_error: OnError) -> ChunkSource:
     def chunks(done: set[int]):
         return iter_passage_chunks(path, chunk_size, shard_index=process_index, num_shards=process_count,
                                    skip_chunks=done, on_error=on_error)
@@ -220,10 +220,10 @@ def encode_corpus(encode: Callable[..., np.ndarray], source: ChunkSource, out_di
     return store
 
 
-def encode_tsv_corpus(retriever, path: str, out_dir: str, cfg: ml_collections.ConfigDict,
+def encode_corpus_file(retriever, path: str, out_dir: str, cfg: ml_collections.ConfigDict,
                       process_index: int = 0, process_count: int = 1) -> EmbeddingStore:
-    """The corpus-encoding stage of a round, for a DPR TSV corpus."""
-    source = tsv_chunks(path, int(cfg.chunk_size), process_index, process_count, check_on_error(cfg.on_error))
+    """The corpus-encoding stage of a round, for a corpus file (DPR TSV or BEIR corpus.jsonl)."""
+    source = file_chunks(path, int(cfg.chunk_size), process_index, process_count, check_on_error(cfg.on_error))
     return encode_corpus(passage_encoder(retriever), source, out_dir, template=cfg.passage_template,
                          dtype=cfg.dtype, process_index=process_index, process_count=process_count)
 

@@ -28,6 +28,17 @@ _MEASURE = re.compile(r"(recall|mrr|ndcg|map|precision)@(\d+)")
 _TREC_NAMES = {"recall": "recall", "ndcg": "ndcg_cut", "map": "map_cut", "precision": "P"}
 
 
+def check_measure(measure: str) -> str:
+    """`measure` if ranked_metrics knows it, else a ValueError naming the accepted forms."""
+    _parse_measure(measure)
+    return measure
+
+
+def same_language_share(passage_langs: Sequence[str], query_lang: str) -> float:
+    """The fraction of a top list in the query's language (LAReQA's "language bias")."""
+    return sum(lang == query_lang for lang in passage_langs) / max(len(passage_langs), 1)
+
+
 def _parse_measure(measure: str) -> tuple[str, int]:
     m = _MEASURE.fullmatch(measure)
     if not m:
@@ -36,20 +47,23 @@ def _parse_measure(measure: str) -> tuple[str, int]:
     return m.group(1), int(m.group(2))
 
 
-def ranked_metrics(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Iterable[str]],
+def ranked_metrics(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Iterable[str] | Mapping[str, int]],
                    measures: Sequence[str] = ("recall@1", "recall@10", "recall@100", "mrr@10", "ndcg@10",
                                               "map@20")) -> dict[str, dict[str, float]]:
     """Per-query metrics for a ranked run (query id -> passage ids, best first).
 
-    Every query of `run` needs relevance judgements; queries of `qrels` absent
-    from `run` score 0 (a missing ranking is a miss, not a skip).
+    `qrels` gives each query its relevant passage ids, or passage id -> grade
+    (graded nDCG; a grade of 0 or below judges a passage not relevant). Every
+    query of `run` needs relevance judgements; queries of `qrels` absent from
+    `run` score 0 (a missing ranking is a miss, not a skip).
     """
     import pytrec_eval
     unjudged = [q for q in run if q not in qrels]
     if unjudged:
         raise ValueError(f"{len(unjudged)} queries of the run have no relevance judgements, e.g. {unjudged[:5]}")
-    trec_qrels = {q: {p: 1 for p in rel} for q, rel in qrels.items()}
-    empty = [q for q, rel in trec_qrels.items() if not rel]
+    trec_qrels = {q: {p: int(g) for p, g in rel.items()} if isinstance(rel, Mapping) else {p: 1 for p in rel}
+                  for q, rel in qrels.items()}
+    empty = [q for q, rel in trec_qrels.items() if not any(g > 0 for g in rel.values())]
     if empty:
         raise ValueError(f"{len(empty)} queries have no relevant passage, e.g. {empty[:5]}")
     parsed = [(m, *_parse_measure(m)) for m in measures]

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
+import scipy.stats
 from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
@@ -254,7 +255,10 @@ class Run:
         if not self.primary:
             return {}
         rankings = run_files.read_jsonl(self.round_dir(r, "run-dev.jsonl"))
-        table = self.task.evaluate(rankings)
+        table = self.task.evaluate(rankings, extra=self.agreement_measures(r, rankings))
+        if not self.task.labeled:
+            logging.info("round %d: the dev queries have no relevance judgements (data.qrels=''), so no dev metric "
+                         "exists; the measures below are label-free", r)
         atomic.write_json(self.round_dir(r, "metrics.json"), table)
         faults.point("evaluate.metrics_written")
         for name, value in table[report.AVERAGE].items():
@@ -310,6 +314,38 @@ class Run:
         if self.primary:
             atomic.save_npy(self.round_dir(r, "teacher", "scores.npy"), scores.reshape(len(rankings), k))
         return {"pairs": len(pairs)}
+
+    def agreement_pairs(self, r: int, rankings: Sequence[run_files.Ranking]) -> list[tuple[Query, str]]:
+        """(held-out query, passage) pairs of each unlabeled dev query's student top `data.agreement_k`."""
+        k, queries = int(self.cfg.data.agreement_k), {q.id: q for q in self.task.dev_queries}
+        return [(queries[x.query_id], p) for x in rankings for p in x.passage_ids[:k]]
+
+    def agreement(self, r: int) -> dict:
+        """The teacher's scores of round r's unlabeled dev top k: how far the student agrees with its teacher."""
+        pairs = self.agreement_pairs(r, run_files.read_jsonl(self.round_dir(r, "run-dev.jsonl")))
+        scores = self.score_pairs(pairs, self.round_dir(r, "agreement"), f"round {r}: teacher agreement")
+        if self.primary:
+            atomic.save_npy(self.round_dir(r, "agreement", "scores.npy"), scores)
+        return {"pairs": len(pairs)}
+
+    def uses_agreement(self) -> bool:
+        return not self.task.labeled and int(self.cfg.data.agreement_k) > 0
+
+    def agreement_measures(self, r: int, rankings: Sequence[run_files.Ranking]) -> tasks.PerQuery | None:
+        """Per held-out query: Kendall's tau between the student's and the teacher's scores of the student's
+        top k, and whether both put the same passage first."""
+        if not self.uses_agreement():
+            return None
+        scores = storage.load_npy(self.round_dir(r, "agreement", "scores.npy"))
+        k, start, out = int(self.cfg.data.agreement_k), 0, {}
+        for x in rankings:
+            n = min(k, len(x.passage_ids))
+            teacher_scores = scores[start:start + n]
+            start += n
+            tau = scipy.stats.kendalltau(x.scores[:n], teacher_scores).statistic if n > 1 else 1.0
+            out[x.query_id] = {f"teacher_kendall@{k}": float(np.nan_to_num(tau)),
+                               f"teacher_top1@{k}": float(n > 0 and int(np.argmax(teacher_scores)) == 0)}
+        return out
 
     def rerank_queries(self) -> list[Query]:
         """The dev queries of the teacher rerank: a seeded sample of `rerank.queries_per_language` per language."""
@@ -428,6 +464,8 @@ class Run:
                   saved_index_files(self.round_dir(r, "index")))
             stage(f"{d}/retrieve", lambda r=r: self.retrieve(r),
                   [f"{d}/run-dev.jsonl"] + ([f"{d}/run-train.jsonl"] if r < rounds else []))
+            if self.uses_agreement():
+                stage(f"{d}/agreement", lambda r=r: self.agreement(r), [f"{d}/agreement/scores.npy"])
             stage(f"{d}/evaluate", lambda r=r: self.evaluate(r), [f"{d}/metrics.json"])
             if r == 0 and int(self.cfg.rerank.queries_per_language):
                 stage("round-0/rerank", lambda: self.rerank(0), [
@@ -449,7 +487,10 @@ class Run:
         if jax.process_index() != 0:
             return
         atomic.write_json(self.dir.sub("metrics.json"), {
-            "task": self.task.name, "dev": {f"round-{r}": t for r, t in enumerate(tables)},
+            "task": self.task.name, "dev_metric": self.task.primary_metric or None,
+            "labels": "dev qrels" if self.task.labeled else
+            "none: no dev metric exists; the measures are label-free (teacher agreement, same-language share)",
+            "dev": {f"round-{r}": t for r, t in enumerate(tables)},
             "stage_seconds": self.dir.stage_seconds()})
         report.plot_rounds(self.dir.sub("metrics.png"), tables, f"UMR on {self.task.name}: dev metrics by round")
         for r, t in enumerate(tables):

@@ -43,8 +43,8 @@ def run(cfg: ml_collections.ConfigDict, corpus: str, queries_path: str, workdir:
     logging.info("queries: %s", report.summary())
     mesh = sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model"))
     model = retriever.Retriever.from_config(cfg.retriever, mesh)
-    store = encode.encode_tsv_corpus(model, corpus, os.path.join(workdir, "embeddings"), cfg.encode,
-                                     jax.process_index(), jax.process_count())
+    store = encode.encode_corpus_file(model, corpus, os.path.join(workdir, "embeddings"), cfg.encode,
+                                      jax.process_index(), jax.process_count())
     logging.info("corpus: %s", store.report().summary())
     ids, idx = load_or_build_index(store, os.path.join(workdir, "index"), cfg.index, mesh, cfg.k)
     rankings = search_queries(model, idx, ids, queries, min(cfg.k, len(ids)), cfg.index.query_batch)

@@ -1,12 +1,15 @@
 """What a UMR run trains and evaluates on: a corpus, unlabeled training queries, judged dev queries.
 
-Three tasks share one interface, chosen by ``config.task``:
+Four tasks share one interface, chosen by ``config.task``:
 
   xor_retrieve  the paper's: XOR-TyDi QA train questions, a DPR TSV corpus
                 (enwiki w100), XOR-Retrieve dev scored with R@2kt / R@5kt.
   xquad_r       XQuAD-R (LAReQA): questions of a fixed share of the 48 articles
                 train, the others are dev; the pool is the multilingual answer
                 sentences; mAP@20 and recall@k.
+  files         your own data (configs/files.py): a BEIR corpus.jsonl or DPR TSV,
+                BEIR queries.jsonl, optional BEIR / TREC qrels scored with
+                pytrec_eval; without qrels, label-free measures on held-out queries.
   synthetic     generated text (configs/tiny.py): exercises every stage in seconds.
 
 Training queries carry no labels here: a task hands the binary only their
@@ -21,11 +24,12 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 import numpy as np
+from absl import logging
 
-from umr_jax import encode, evaluate, run_files
-from umr_jax.data.readers import Passage, Query, check_on_error, lookup_passages
+from umr_jax import encode, evaluate, run_files, storage
+from umr_jax.data.readers import Passage, Query, check_on_error, lookup_passages, read_queries_jsonl
 
-TASKS = ("xor_retrieve", "xquad_r", "synthetic")
+TASKS = ("xor_retrieve", "xquad_r", "files", "synthetic")
 Table = dict[str, dict[str, float]]
 PerQuery = dict[str, dict[str, float]]  # query id -> measure -> value
 
@@ -35,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.local_dir = ""  # official files ('' = the task's environment variable, else download)
     cfg.data_dir = ""  # prepared TFDS data ('' = $UMR_TFDS_DIR or ~/tensorflow_datasets)
-    cfg.corpus = ""  # xor_retrieve: the DPR TSV passage file (enwiki_20190201_w100.tsv)
+    cfg.corpus = ""  # xor_retrieve, files: the passage file, DPR TSV (enwiki_20190201_w100.tsv) or BEIR .jsonl
     cfg.corpus_on_error = "raise"  # bad corpus lines: 'raise' or 'skip' (counted)
     cfg.languages = ()  # () = all; else only queries (and xquad_r candidates) in these languages
     cfg.max_train_queries = 0  # 0 = all; else a seeded sample of this many
@@ -49,6 +53,15 @@ def default_config() -> ml_collections.ConfigDict:
     # sentence alone: the context is shared by every sentence of a paragraph, so
     # with it the teacher cannot tell them apart, and it costs ~6x the tokens.
     cfg.teacher_template = "{sentence}"
+    # files (configs/files.py): your own corpus and queries
+    cfg.queries = ""  # BEIR queries.jsonl (_id, text, optional lang): the unlabeled training queries
+    cfg.dev_queries = ""  # '' = the queries file: its queries with qrels are dev, never trained on
+    cfg.qrels = ""  # BEIR qrels TSV (query-id corpus-id score) or TREC qrels; '' = no labels
+    cfg.default_language = ""  # the language of queries without a lang field ('' = they are an error)
+    cfg.queries_on_error = "raise"  # bad query / qrels lines: 'raise' or 'skip' (counted)
+    cfg.measures = ("ndcg@10", "recall@100", "mrr@10", "map@100")  # with qrels; the first is the headline
+    cfg.heldout_queries = 100  # without qrels or dev_queries: training queries held out for label-free measures
+    cfg.agreement_k = 10  # without qrels: the teacher scores each held-out query's top k (0 = skip)
     # synthetic
     cfg.num_passages = 96
     cfg.num_train_queries = 32
@@ -76,17 +89,24 @@ class Task:
     # Dev query id -> its question's id, when queries are translations of each
     # other (XQuAD-R): bootstrap intervals resample such groups together.
     query_group: Callable[[str], str] | None = None
+    # False: the dev queries have no relevance judgements; their measures are label-free.
+    labeled: bool = True
 
-    def evaluate(self, rankings: Sequence[run_files.Ranking], queries: Sequence[Query] | None = None) -> Table:
-        """Metrics per query language and their macro average, over `queries` (default: all dev queries)."""
+    def evaluate(self, rankings: Sequence[run_files.Ranking], queries: Sequence[Query] | None = None,
+                 extra: PerQuery | None = None) -> Table:
+        """Metrics per query language and their macro average, over `queries` (default: all dev queries);
+        `extra` adds per-query measures computed elsewhere (the teacher's agreement)."""
         queries = self.dev_queries if queries is None else queries
-        return evaluate.by_language(self.score_queries(rankings, queries), {q.id: q.lang for q in queries})
+        per_query = self.score_queries(rankings, queries)
+        for query_id, values in (extra or {}).items():
+            per_query.setdefault(query_id, {}).update(values)
+        return evaluate.by_language(per_query, {q.id: q.lang for q in queries})
 
     def chunk_source(self, chunk_size: int, process_index: int = 0, process_count: int = 1) -> encode.ChunkSource:
         if self.passages is not None:
             return encode.list_chunks(self.passages, chunk_size, process_index, process_count)
-        return encode.tsv_chunks(self.corpus_path, chunk_size, process_index, process_count,
-                                 check_on_error(self.corpus_on_error))
+        return encode.file_chunks(self.corpus_path, chunk_size, process_index, process_count,
+                                  check_on_error(self.corpus_on_error))
 
     @functools.cached_property
     def _passages_by_id(self) -> dict[str, Passage]:
@@ -159,6 +179,9 @@ def xquad_r_task(cfg: ml_collections.ConfigDict) -> Task:
     pool = [c for c in data.candidates if c.lang in langs and article_of(c.id) in used_articles]
     pool_ids = {c.id for c in pool}
     questions = [q for q in data.questions if q.lang in langs]
+    # 388 of the 13,090 official questions carry stray leading or trailing whitespace, which would
+    # reach the tokenizer as an extra token ("▁" for e5): stripped, as the candidates are.
+    questions = [dataclasses.replace(q, question=q.question.strip()) for q in questions]
     train = [Query(q.id, q.question, q.lang) for q in questions if article_of(q.relevant[0]) in train_articles]
     # Relevant = the answer sentence in every language of the pool.
     dev = [dataclasses.replace(q, relevant=tuple(r for r in q.relevant if r in pool_ids))
@@ -209,6 +232,100 @@ def xor_retrieve_task(cfg: ml_collections.ConfigDict) -> Task:
     return task
 
 
+# ----------------------------------------------------------------------------- files
+
+
+def _need_file(cfg: ml_collections.ConfigDict, key: str, what: str) -> str:
+    path = cfg[key]
+    if not path:
+        raise ValueError(f"data.{key}: the files task needs {what}; pass --config.data.{key}=/path/to/file")
+    if not storage.exists(path):
+        raise FileNotFoundError(f"--config.data.{key}={path}: no such file")
+    return path
+
+
+def _read_queries(path: str, key: str, cfg: ml_collections.ConfigDict) -> list[Query]:
+    queries, report = read_queries_jsonl(path, on_error=check_on_error(cfg.queries_on_error),
+                                         default_lang=cfg.default_language)
+    logging.info("data.%s: %s", key, report.summary())
+    if not queries:
+        raise ValueError(f"--config.data.{key}={path}: no usable queries ({report.summary()})")
+    return queries
+
+
+def files_task(cfg: ml_collections.ConfigDict) -> Task:
+    """Your own corpus and queries, in the formats IR people already use (configs/files.py).
+
+    With qrels, the judged queries (those with a passage of grade > 0) are the
+    dev queries and are never trained on; every other query of `data.queries`
+    trains. Without qrels, `data.dev_queries` or a seeded sample of
+    `heldout_queries` training queries is held out, and the measures are the
+    label-free ones: the same-language share (when passages carry a language)
+    and, added by the run, the teacher's agreement with the student's order.
+    """
+    from umr_jax.data.readers import corpus_format, read_qrels
+
+    check_on_error(cfg.corpus_on_error)
+    corpus = _need_file(cfg, "corpus", "the passages (BEIR corpus.jsonl or a DPR TSV)")
+    queries = _read_queries(_need_file(cfg, "queries", "the training queries (BEIR queries.jsonl)"), "queries", cfg)
+    dev_pool = _read_queries(_need_file(cfg, "dev_queries", "dev queries"), "dev_queries", cfg) \
+        if cfg.dev_queries else queries
+    langs = _check_languages(cfg.languages, {q.lang for q in queries} | {q.lang for q in dev_pool}, "the query files")
+    queries = [q for q in queries if q.lang in langs]
+    dev_pool = [q for q in dev_pool if q.lang in langs]
+    measures = tuple(cfg.measures)
+    for m in measures:
+        evaluate.check_measure(m)
+    qrels: dict[str, dict[str, int]] = {}
+    if cfg.qrels:
+        path = _need_file(cfg, "qrels", "relevance judgements")
+        qrels, report = read_qrels(path, on_error=check_on_error(cfg.queries_on_error))
+        logging.info("data.qrels: %s", report.summary())
+        judged = {q for q, rel in qrels.items() if any(g > 0 for g in rel.values())}
+        dev = [q for q in dev_pool if q.id in judged]
+        known = {q.id for q in dev_pool}
+        for count, why in ((len(set(qrels) - judged), "have no passage of grade > 0"),
+                           (len(judged - known), "are not in the dev query file (or not in data.languages)")):
+            if count:
+                logging.warning("%s: %d judged queries %s: they are not evaluated", path, count, why)
+        train = [q for q in queries if q.id not in qrels]
+    elif cfg.dev_queries:
+        dev = dev_pool
+        train = [q for q in queries if q.id not in {d.id for d in dev}]
+    else:
+        if not 0 < cfg.heldout_queries < len(queries):
+            raise ValueError(f"data.heldout_queries={cfg.heldout_queries}: without qrels the run holds out "
+                             f"1..{len(queries) - 1} of the {len(queries)} training queries to measure itself on")
+        held = {q.id for q in _sample(queries, cfg.heldout_queries, cfg.split_seed, 6)}
+        dev = [q for q in queries if q.id in held]
+        train = [q for q in queries if q.id not in held]
+    dev = _sample(dev, cfg.max_dev_queries, cfg.split_seed, 2)
+    train = _sample(train, cfg.max_train_queries, cfg.split_seed, 1)
+    task = Task("files", train, dev, lambda r, q: {}, corpus_path=corpus, corpus_on_error=cfg.corpus_on_error,
+                primary_metric=measures[0] if qrels else "", labeled=bool(qrels))
+
+    def score_queries(rankings: Sequence[run_files.Ranking], queries: Sequence[Query]) -> PerQuery:
+        wanted = [q.id for q in queries]  # in order: the means add in the same order in every run
+        keep = set(wanted)
+        ranked = [r for r in rankings if r.query_id in keep]
+        if qrels:
+            per_query = evaluate.ranked_metrics(run_files.as_run(ranked), {q: qrels[q] for q in wanted}, measures)
+        else:
+            per_query = {q: {} for q in wanted}
+        langs = {} if corpus_format(corpus) == "tsv" else {  # a DPR TSV has no language column
+            i: p.lang for i, p in task.lookup(sorted({p for r in ranked for p in r.passage_ids[:20]})).items()}
+        if langs and all(langs.values()):  # the share needs every retrieved passage's language
+            for r in ranked:
+                per_query[r.query_id]["same_lang@20"] = evaluate.same_language_share(
+                    [langs[p] for p in r.passage_ids[:20]], r.lang)
+            for q in wanted:
+                per_query[q].setdefault("same_lang@20", 0.0)
+        return per_query
+
+    task.score_queries = score_queries
+    return task
+
+
 # ----------------------------------------------------------------------------- synthetic
 
 
@@ -242,6 +359,8 @@ def build_task(name: str, cfg: ml_collections.ConfigDict, seed: int = 0) -> Task
         task = xquad_r_task(cfg)
     elif name == "xor_retrieve":
         task = xor_retrieve_task(cfg)
+    elif name == "files":
+        task = files_task(cfg)
     elif name == "synthetic":
         task = synthetic_task(cfg, seed)
     else:

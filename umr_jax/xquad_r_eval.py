@@ -54,7 +54,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, dict[str, flo
                                    os.path.join(workdir, "candidates"), cfg.encode)
     ids, embeddings = store.load()
     idx = index.build_index(embeddings, cfg.index, mesh, k=cfg.k)
-    rankings = search_queries(model, idx, ids, [Query(q.id, q.question, q.lang) for q in questions], cfg.k,
+    rankings = search_queries(model, idx, ids, [Query(q.id, q.question.strip(), q.lang) for q in questions], cfg.k,
                               cfg.index.query_batch, desc="encode questions")
     run_files.write_jsonl(os.path.join(workdir, "run.jsonl"), rankings)
     table = evaluate_rankings(rankings, questions, cfg.measures)

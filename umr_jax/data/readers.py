@@ -1,4 +1,4 @@
-"""Streaming readers for passage corpora (DPR TSV) and query files (JSONL).
+"""Streaming readers for passage corpora (DPR TSV, BEIR JSONL), query files (JSONL) and qrels.
 
 A paper-scale corpus has 21 million passages (13 GB), so nothing here loads a
 file whole: passages stream line by line, grouped into fixed chunks of raw
@@ -17,7 +17,7 @@ import csv
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 from absl import logging
@@ -44,6 +44,7 @@ class Passage:
     id: str
     text: str
     title: str = ""
+    lang: str = ""  # '' = unknown (DPR TSV has no language column)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,13 +150,79 @@ def _parse_tsv(text: str, layout: _TsvLayout, path: str, line_no: int) -> Passag
     return Passage(pid, body, title)
 
 
+def corpus_format(path: str | os.PathLike) -> str:
+    """'jsonl' (BEIR's corpus.jsonl: one object per line) or 'tsv' (DPR), by the file name."""
+    return "jsonl" if str(path).endswith(".jsonl") else "tsv"
+
+
+def _json_object(text: str, path: str, line_no: int) -> dict:
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(path, line_no, f"malformed JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(record, dict):
+        raise InputError(path, line_no, f"malformed JSON: expected an object, got {type(record).__name__}")
+    return record
+
+
+LANGUAGE_FIELDS = ("lang", "language")
+
+
+def _record_language(record: dict, path: str, line_no: int, default: str) -> str:
+    """The record's `lang`/`language`, top-level or in BEIR's `metadata`; `default` when it has none."""
+    meta = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+    value = next((src[f] for src in (record, meta) for f in LANGUAGE_FIELDS if src.get(f) not in (None, "")), None)
+    if value is None:
+        return default
+    try:
+        return normalize_language_code(str(value), source=f"{path}:{line_no}")
+    except ValueError as e:
+        raise InputError(path, line_no, f"bad language: {e}") from None
+
+
+def _parse_beir_passage(text: str, path: str, line_no: int) -> Passage:
+    """A BEIR corpus line: `_id` (or `id`), `text`, optional `title` and language."""
+    record = _json_object(text, path, line_no)
+    key = next((k for k in ("_id", "id") if k in record), None)
+    if key is None or "text" not in record:
+        missing = [name for name, ok in (("_id", key is not None), ("text", "text" in record)) if not ok]
+        raise InputError(path, line_no, f"missing field: {', '.join(missing)}")
+    pid = str(record[key]).strip()
+    body = record["text"].strip() if isinstance(record["text"], str) else ""
+    title = record.get("title") or ""
+    if not pid:
+        raise InputError(path, line_no, "empty id")
+    if not body:
+        raise InputError(path, line_no, f"empty text: passage {pid!r}")
+    if not isinstance(title, str):
+        raise InputError(path, line_no, f"bad title: passage {pid!r} has a {type(title).__name__}, not a string")
+    return Passage(pid, body, title.strip(), _record_language(record, path, line_no, ""))
+
+
+def _corpus_parser(f, path: str, max_line_bytes: int) -> tuple[Callable[[str, int], Passage], int]:
+    """The line parser of an open corpus file and the number of header lines it consumed."""
+    if corpus_format(path) == "jsonl":
+        return (lambda text, line_no: _parse_beir_passage(text, path, line_no)), 0
+    first = f.readline()
+    try:
+        layout = _TsvLayout(next(csv.reader([_decode(first, path, 1, max_line_bytes)], delimiter="\t")))
+    except (csv.Error, StopIteration, ValueError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(path, 1, f"malformed TSV header: {e}") from None
+    if not layout.has_header:
+        f.seek(0)
+    return (lambda text, line_no: _parse_tsv(text, layout, path, line_no)), int(layout.has_header)
+
+
 def iter_passage_chunks(path: str | os.PathLike, chunk_size: int, *, shard_index: int = 0, num_shards: int = 1,
                         skip_chunks: Iterable[int] = (), on_error: OnError = "raise",
                         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Iterator[tuple[int, list[Passage],
                                                                                         ReadReport]]:
     """Yields (chunk index, passages, that chunk's report) for this shard's chunks.
 
-    Chunk `c` holds data lines [c * chunk_size, (c + 1) * chunk_size); shard `s`
+    The corpus is a DPR TSV (`id text title`, header optional) or, for a
+    `.jsonl` name, BEIR's corpus.jsonl. Chunk `c` holds data lines [c * chunk_size, (c + 1) * chunk_size); shard `s`
     of `n` owns the chunks with c % n == s. Lines of other shards' chunks and of
     `skip_chunks` (finished in an earlier run) are stepped over unparsed.
     Duplicate ids are detected among the lines this call parses; the embedding
@@ -167,16 +234,7 @@ def iter_passage_chunks(path: str | os.PathLike, chunk_size: int, *, shard_index
     path, skip = str(path), set(skip_chunks)
     seen: set[str] = set()
     with _open_binary(path) as f:
-        first = f.readline()
-        try:
-            layout = _TsvLayout(next(csv.reader([_decode(first, path, 1, max_line_bytes)], delimiter="\t")))
-        except (csv.Error, StopIteration, ValueError) as e:
-            if isinstance(e, InputError):
-                raise
-            raise InputError(path, 1, f"malformed TSV header: {e}") from None
-        if not layout.has_header:
-            f.seek(0)
-        line_no = 1 if layout.has_header else 0
+        parse, line_no = _corpus_parser(f, path, max_line_bytes)
         chunk, data_line = 0, 0
         while True:
             mine = chunk % num_shards == shard_index and chunk not in skip
@@ -187,7 +245,7 @@ def iter_passage_chunks(path: str | os.PathLike, chunk_size: int, *, shard_index
                 if mine:
                     report.read += 1
                     try:
-                        p = _parse_tsv(_decode(raw, path, line_no, max_line_bytes), layout, path, line_no)
+                        p = parse(_decode(raw, path, line_no, max_line_bytes), line_no)
                         if p.id in seen:
                             raise InputError(path, line_no, f"duplicate id: {p.id!r}")
                         seen.add(p.id)
@@ -222,13 +280,17 @@ def lookup_passages(path: str | os.PathLike, ids: Iterable[str], *, on_error: On
 
 
 def read_queries_jsonl(path: str | os.PathLike, *, on_error: OnError = "raise",
-                       text_fields: tuple[str, ...] = ("text", "question"),
+                       text_fields: tuple[str, ...] = ("text", "question"), default_lang: str = "",
                        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[list[Query], ReadReport]:
-    """Queries from JSONL: `id`, the text (`text`, or `question` as in XOR-TyDi), `lang`.
+    """Queries from JSONL: `id` (BEIR: `_id`), the text (`text`, or `question` as in XOR-TyDi), the language.
 
+    The language is `lang` or `language`, top-level or in BEIR's `metadata`;
+    a query without one gets `default_lang`, and is an error if that is ''.
     Language codes are normalised (XOR-TyDi's train file writes Arabic as " ar").
     """
     on_error = check_on_error(on_error)
+    if default_lang:
+        default_lang = normalize_language_code(default_lang, source="default language")
     path = str(path)
     report, queries, seen = ReadReport(path), [], set()
     with _open_binary(path) as f:
@@ -238,35 +300,80 @@ def read_queries_jsonl(path: str | os.PathLike, *, on_error: OnError = "raise",
             report.read += 1
             try:
                 queries.append(_parse_query(_decode(raw, path, line_no, max_line_bytes), path, line_no,
-                                            text_fields, seen))
+                                            text_fields, default_lang, seen))
                 report.used += 1
             except InputError as e:
                 report.reject(e, on_error)
     return queries, report
 
 
-def _parse_query(text: str, path: str, line_no: int, text_fields: tuple[str, ...], seen: set[str]) -> Query:
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(path, line_no, f"malformed JSON: {e.msg} at column {e.colno}") from None
-    if not isinstance(record, dict):
-        raise InputError(path, line_no, f"malformed JSON: expected an object, got {type(record).__name__}")
+def _parse_query(text: str, path: str, line_no: int, text_fields: tuple[str, ...], default_lang: str,
+                 seen: set[str]) -> Query:
+    record = _json_object(text, path, line_no)
+    key = next((k for k in ("id", "_id") if k in record), None)
     field = next((f for f in text_fields if f in record), None)
-    missing = [name for name, ok in (("id", "id" in record), ("|".join(text_fields), field is not None),
-                                     ("lang", "lang" in record)) if not ok]
+    lang = _record_language(record, path, line_no, default_lang)
+    missing = [name for name, ok in (("id", key is not None), ("|".join(text_fields), field is not None),
+                                     ("lang", bool(lang))) if not ok]
     if missing:
         raise InputError(path, line_no, f"missing field: {', '.join(missing)}")
-    qid, body = str(record["id"]).strip(), str(record[field]).strip()
+    qid, body = str(record[key]).strip(), str(record[field]).strip()
     if not qid:
         raise InputError(path, line_no, "empty id")
     if not body:
         raise InputError(path, line_no, f"empty text: query {qid!r}")
     if qid in seen:
         raise InputError(path, line_no, f"duplicate id: {qid!r}")
-    try:
-        lang = normalize_language_code(str(record["lang"]), source=f"{path}:{line_no}")
-    except ValueError as e:
-        raise InputError(path, line_no, f"bad language: {e}") from None
     seen.add(qid)
     return Query(qid, body, lang)
+
+
+Qrels = dict[str, dict[str, int]]  # query id -> passage id -> relevance grade
+
+
+def read_qrels(path: str | os.PathLike, *, on_error: OnError = "raise",
+               max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[Qrels, ReadReport]:
+    """Relevance judgements in BEIR's TSV (`query-id corpus-id score`, with that header) or TREC's form
+    (`query-id iteration corpus-id grade`, whitespace-separated).
+
+    Grades are integers; 0 and below judge a passage not relevant (kept: graded
+    nDCG and trec_eval read them). A pair judged twice is an error.
+    """
+    on_error = check_on_error(on_error)
+    path = str(path)
+    report, qrels = ReadReport(path), {}
+    with _open_binary(path) as f:
+        for line_no, raw in enumerate(f, start=1):
+            text = _decode(raw, path, line_no, max_line_bytes)
+            if not text.strip():
+                continue
+            fields = text.split("\t") if "\t" in text else text.split()
+            fields = [x.strip() for x in fields]
+            if line_no == 1 and fields[:2] == ["query-id", "corpus-id"]:
+                continue  # BEIR's header
+            report.read += 1
+            try:
+                qid, pid, grade = _parse_qrel(fields, path, line_no)
+                if pid in qrels.get(qid, {}):
+                    raise InputError(path, line_no, f"duplicate judgement: query {qid!r}, passage {pid!r}")
+                qrels.setdefault(qid, {})[pid] = grade
+                report.used += 1
+            except InputError as e:
+                report.reject(e, on_error)
+    return qrels, report
+
+
+def _parse_qrel(fields: list[str], path: str, line_no: int) -> tuple[str, str, int]:
+    if len(fields) == 3:
+        qid, pid, grade = fields
+    elif len(fields) == 4:
+        qid, _, pid, grade = fields
+    else:
+        raise InputError(path, line_no, f"wrong column count: expected 3 (BEIR: query-id corpus-id score) or 4 "
+                                        f"(TREC: query-id iteration corpus-id grade), got {len(fields)}")
+    if not qid or not pid:
+        raise InputError(path, line_no, "empty id")
+    try:
+        return qid, pid, int(grade)
+    except ValueError:
+        raise InputError(path, line_no, f"bad grade: {grade!r} is not an integer") from None

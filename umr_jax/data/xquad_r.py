@@ -305,8 +305,7 @@ def same_language_share(ranking: run_files.Ranking, k: int = 20) -> float:
     A language-agnostic retriever puts 10 of the 11 relevant sentences in other
     languages; candidate ids start with their language.
     """
-    top = ranking.passage_ids[:k]
-    return sum(p.split(":", 1)[0] == ranking.lang for p in top) / max(len(top), 1)
+    return evaluate.same_language_share([p.split(":", 1)[0] for p in ranking.passage_ids[:k]], ranking.lang)
 
 
 def per_query_metrics(rankings: Sequence[run_files.Ranking], questions: Sequence[XquadRQuestion],

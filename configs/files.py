@@ -44,14 +44,9 @@ def get_config():
     cfg.teacher = run_config.gemma3_270m()  # Gemma-3-270M (GGUF), bfloat16 where the CPU has it
     cfg.teacher_chunk = 1024
     cfg.rerank.queries_per_language = 0
-    cfg.train.queries_per_batch = 8
-    cfg.train.passages_per_query = 4
+    run_config.e5_distillation(cfg.train)  # B = 8 x 4, lr 3e-5, word embeddings frozen, scale 100
     cfg.train.epochs = 1.5
-    cfg.train.learning_rate = 3e-5
     cfg.train.warmup_steps = 5
-    cfg.train.freeze = ("word",)
-    cfg.train.student_scale = 100.0  # e5 was trained with temperature 0.01
-    cfg.train.query_buckets = (64,)
     cfg.train.pack_row_length = 256  # the retriever's max_passage_length: passages packed into rows of it
     cfg.train.checkpoint_every = 16
     return cfg

@@ -74,6 +74,25 @@ def test_report_of_the_tiny_run_matches_its_own_metrics(tiny_run):
     assert "round 2 - round 1" in text and "### The effect of k" in text and "| total |" in text
 
 
+def test_seed_runs_report_each_seed_the_mean_and_the_spread(tiny_run):
+    """The same run given as two seeds: the seed mean is that run, the spread is zero, and per-language gains
+    are the run's own; a run that differs in more than the seed is refused."""
+    run, again = results.FinishedRun(str(tiny_run)), results.FinishedRun(str(tiny_run))
+    text = results.seeds_section([run, again])
+    final = json.loads((tiny_run / "round-2" / "metrics.json").read_text())
+    zero = json.loads((tiny_run / "round-0" / "metrics.json").read_text())
+    assert f"| mean of the 2 seeds' round-2 scores | {final['avg']['map@20']:.4f} |" in text
+    assert "round 0 is identical in all of them" in text
+    gain = final["avg"]["map@20"] - zero["avg"]["map@20"]
+    assert f"| map@20 | {gain:+.4f} | 0.0000 | {gain:+.4f} | {gain:+.4f} |" in text
+    for lang in ("de", "en", "fr"):
+        lang_gain = final[lang]["map@20"] - zero[lang]["map@20"]
+        assert f"| {lang} | {zero[lang]['map@20']:.4f} | {final[lang]['map@20']:.4f} | {lang_gain:+.4f} [" in text
+    again.cfg.k = 4
+    with pytest.raises(ValueError, match=r"more than the seed: \{'k': 4\}"):
+        results.seeds_section([run, again])
+
+
 def test_translations_resample_together_and_widen_the_interval():
     rng = np.random.default_rng(2)
     questions = [f"x{i}" for i in range(150)]

@@ -1,7 +1,7 @@
 """Result tables of finished UMR runs, recomputed from their files, with paired-bootstrap intervals.
 
     python -m umr_jax.results --workdir=/tmp/umr-xquad-r [--ablation=/tmp/umr-k8 ...] \
-        --out=docs/results-tables.md
+        [--seed_run=/tmp/umr-xquad-r-seed1 ...] --out=docs/results-tables.md
 
 Every figure comes from a run's own files -- `round-r/run-dev.jsonl`, the
 teacher rerank runs of `round-0`, `manifest.json` -- and the task rebuilt from
@@ -268,6 +268,78 @@ def ablation_section(main_run: FinishedRun, ablations: Sequence[FinishedRun]) ->
     ])
 
 
+def seed_mean(per_queries: Sequence[PerQuery]) -> PerQuery:
+    """Per query and measure, the mean over runs that differ only in their seed."""
+    return {q: {m: float(np.mean([pq[q][m] for pq in per_queries])) for m in per_queries[0][q]}
+            for q in per_queries[0]}
+
+
+def seeds_section(runs: Sequence[FinishedRun]) -> str:
+    """Zero-shot against the last round of runs that differ only in `seed` (training order, dropout): each
+    seed's paired interval, their spread, and per language the seed mean against zero-shot."""
+    for run in runs[1:]:
+        other = {k: v for k, v in run.differs_from(runs[0]).items() if k != "seed"}
+        if other or run.langs != runs[0].langs:
+            raise ValueError(f"{run.dir}: differs from {runs[0].dir} in more than the seed: {other or 'dev queries'}")
+    last = min(run.rounds[-1] for run in runs)
+    if last < 1 or any(run.rounds[0] != 0 for run in runs):
+        raise ValueError("the seed runs need round 0 and at least one trained round evaluated")
+    zero = runs[0].round_per_query(0)
+    zeros = [run.round_per_query(0) for run in runs[1:]]
+    same_zero = all(by_language(z, run.langs) == by_language(zero, run.langs) for z, run in zip(zeros, runs[1:],
+                                                                                                strict=True))
+    finals = [run.round_per_query(last) for run in runs]
+    firsts = [run.round_per_query(1) for run in runs] if last > 1 else []
+    mean = seed_mean(finals)
+    langs, clusters = runs[0].langs, runs[0].clusters
+    seeds = [int(run.cfg.seed) for run in runs]
+    systems = [("round 0 (zero-shot)", zero)]
+    systems += [(f"seed {s}: after round 1", pq) for s, pq in zip(seeds, firsts, strict=True)]
+    systems += [(f"seed {s}: after round {last}", pq) for s, pq in zip(seeds, finals, strict=True)]
+    systems.append((f"mean of the {len(runs)} seeds' round-{last} scores", mean))
+    pairs = [(f"seed {s}: round {last} - round 0", pq, zero) for s, pq in zip(seeds, finals, strict=True)]
+    pairs.append((f"seed mean: round {last} - round 0", mean, zero))
+    measures = measured(zero, COMPARED)
+    spread_rows = []
+    for m in measures:
+        gains = [by_language(pq, langs)[AVERAGE][m] - by_language(zero, langs)[AVERAGE][m] for pq in finals]
+        spread_rows.append([m, f"{np.mean(gains):+.4f}", f"{np.std(gains, ddof=1):.4f}" if len(gains) > 1 else "",
+                            f"{min(gains):+.4f}", f"{max(gains):+.4f}"])
+    per_lang_rows = []
+    for lang in sorted(set(langs.values())):
+        ids = {q for q, lg in langs.items() if lg == lang}
+
+        def only(pq: PerQuery, ids: set[str] = ids) -> PerQuery:
+            return {q: v for q, v in pq.items() if q in ids}
+        sub_langs = {q: langs[q] for q in ids}
+        sub_clusters = {q: clusters[q] for q in ids} if clusters else None
+        interval = paired_bootstrap(column(only(mean), "map@20"), column(only(zero), "map@20"), sub_langs,
+                                    clusters=sub_clusters)
+        gains = [float(np.mean([pq[q]["map@20"] - zero[q]["map@20"] for q in ids])) for pq in finals]
+        per_lang_rows.append([lang, float(np.mean([zero[q]["map@20"] for q in ids])),
+                              float(np.mean([mean[q]["map@20"] for q in ids])),
+                              f"{interval}{' *' if interval.excludes_zero else ''}",
+                              f"{min(gains):+.4f} / {max(gains):+.4f}", sum(g > 0 for g in gains)])
+    return "\n\n".join([
+        f"### Seeds: zero-shot against round {last} ({len(runs)} runs that differ only in the seed: "
+        f"{', '.join(map(str, seeds))})",
+        "The seed sets the batch order and dropout; the split, the training queries and the zero-shot retriever "
+        "are the same in every run (round 0 is " + ("identical in all of them" if same_zero else
+                                                    "NOT identical across them; the first run's is used") + ").",
+        averages_table(systems, langs),
+        "Paired differences (95% percentile bootstrap, 10,000 resamples of "
+        + ("questions with all their translations" if clusters else "queries")
+        + "; * = the interval excludes 0):",
+        differences_table(pairs, langs, clusters),
+        f"Spread over seeds of the round-{last} gain (macro average):",
+        markdown(["measure", "mean gain", "std over seeds", "smallest", "largest"], spread_rows),
+        f"mAP@20 per query language: zero-shot, the seed mean of round {last}, its paired interval (within the "
+        "language), the smallest and largest gain of a single seed, and how many seeds gained:",
+        markdown(["language", "zero-shot", f"round {last} (seed mean)", "Δ [95% CI]", "seed gains (min / max)",
+                  "seeds > 0"], per_lang_rows),
+    ])
+
+
 def times_section(runs: Sequence[FinishedRun]) -> str:
     order = ("encode", "index", "retrieve", "evaluate", "rerank", "teacher", "train")
 
@@ -288,11 +360,13 @@ def times_section(runs: Sequence[FinishedRun]) -> str:
     return "### Wall time of every stage\n\n" + markdown(header, rows)
 
 
-def build_report(workdir: str, ablation_dirs: Sequence[str] = ()) -> str:
+def build_report(workdir: str, ablation_dirs: Sequence[str] = (), seed_dirs: Sequence[str] = ()) -> str:
     run = FinishedRun(workdir)
     ablations = [FinishedRun(d) for d in ablation_dirs]
+    seed_runs = [FinishedRun(d) for d in seed_dirs]
     parts = [f"<!-- generated by: python -m umr_jax.results --workdir={workdir}"
-             + "".join(f" --ablation={d}" for d in ablation_dirs) + " -->",
+             + "".join(f" --ablation={d}" for d in ablation_dirs)
+             + "".join(f" --seed_run={d}" for d in seed_dirs) + " -->",
              f"## Tables ({run.task.name}: {len(run.task.train_queries)} training queries, "
              f"{len(run.task.dev_queries)} dev queries, {len(run.task.passages or ())} candidates)",
              rounds_section(run)]
@@ -302,12 +376,16 @@ def build_report(workdir: str, ablation_dirs: Sequence[str] = ()) -> str:
         logging.info("%s differs from %s in %s", other.dir, workdir, json.dumps(other.differs_from(run)))
     if ablations:
         parts.append(ablation_section(run, ablations))
-    parts.append(times_section([run, *ablations]))
+    if seed_runs:
+        parts.append(seeds_section([run, *seed_runs]))
+    parts.append(times_section([run, *ablations, *seed_runs]))
     return "\n\n".join(parts) + "\n"
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The main run's workdir.", required=True)
 _ABLATIONS = flags.DEFINE_multi_string("ablation", [], "Workdirs of one-round runs that vary k.")
+_SEED_RUNS = flags.DEFINE_multi_string("seed_run", [], "Workdirs of runs that differ from --workdir only in "
+                                       "`seed`: zero-shot against the last round, with the spread over seeds.")
 _OUT = flags.DEFINE_string("out", "", "Markdown file to write ('' = print).")
 
 
@@ -315,7 +393,7 @@ _OUT = flags.DEFINE_string("out", "", "Markdown file to write ('' = print).")
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    text = build_report(_WORKDIR.value, _ABLATIONS.value)
+    text = build_report(_WORKDIR.value, _ABLATIONS.value, _SEED_RUNS.value)
     if _OUT.value:
         with atomic.atomic_open(_OUT.value, "w") as f:
             f.write(text)

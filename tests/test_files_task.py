@@ -12,7 +12,7 @@ import pytest
 
 from helpers import recorded_stages, run_tiny
 from umr_jax import faults, run_files, tasks
-from umr_jax.data.readers import InputError, read_qrels, read_queries_jsonl
+from umr_jax.data.readers import InputError, Query, read_qrels, read_queries, read_queries_jsonl
 
 XQUAD_MEASURES = ("map@20", "recall@1", "recall@10", "recall@100", "mrr@10")
 
@@ -182,6 +182,28 @@ def test_queries_need_a_language_or_a_default(tmp_path):
     assert [(q.id, q.lang) for q in queries] == [("q1", "de"), ("q2", "en"), ("q3", "fr")]
     with pytest.raises(ValueError, match="unknown language code 'klingon'"):
         read_queries_jsonl(path, default_lang="klingon")
+
+
+def test_gzipped_files_tsv_topics_and_other_id_fields(tmp_path):
+    """What other multilingual collections ship: gzipped JSONL with `docid` (MIRACL, Mr. TyDi), TSV topics."""
+    import gzip
+
+    from helpers import read_passages
+
+    with gzip.open(tmp_path / "corpus.jsonl.gz", "wt") as f:
+        f.write('{"docid": "7#0", "title": "T", "text": "seven"}\n{"docid": "7#1", "title": "T", "text": "more"}\n')
+    passages, report = read_passages(tmp_path / "corpus.jsonl.gz")
+    assert [p.id for p in passages] == ["7#0", "7#1"] and report.used == 2
+    topics = _write(tmp_path / "topics.tsv", ["1\twas ist das?", "2\twer?"])
+    with pytest.raises(ValueError, match="no language column; set the default language"):
+        read_queries(topics)
+    queries, _ = read_queries(topics, default_lang="de")
+    assert [(q.id, q.text, q.lang) for q in queries] == [("1", "was ist das?", "de"), ("2", "wer?", "de")]
+    bad = _write(tmp_path / "bad.tsv", ["1\tok", "2\ttoo\tmany"])
+    with pytest.raises(InputError, match=r"bad\.tsv:2: wrong column count: expected 2"):
+        read_queries(bad, default_lang="de")
+    jsonl = _write(tmp_path / "q.jsonl", ['{"query_id": "9", "query": "quoi?", "lang": "fr"}'])
+    assert read_queries(jsonl)[0] == [Query("9", "quoi?", "fr")]
 
 
 def test_qrels_in_beir_and_trec_form(tmp_path):

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from umr_jax import encode, evaluate, run_files, storage
-from umr_jax.data.readers import Passage, Query, check_on_error, lookup_passages, read_queries_jsonl
+from umr_jax.data.readers import Passage, Query, check_on_error, lookup_passages, read_queries
 
 TASKS = ("xor_retrieve", "xquad_r", "files", "synthetic")
 Table = dict[str, dict[str, float]]
@@ -54,7 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     # with it the teacher cannot tell them apart, and it costs ~6x the tokens.
     cfg.teacher_template = "{sentence}"
     # files (configs/files.py): your own corpus and queries
-    cfg.queries = ""  # BEIR queries.jsonl (_id, text, optional lang): the unlabeled training queries
+    cfg.queries = ""  # BEIR queries.jsonl (_id, text, optional lang) or id<TAB>text TSV: the training queries
     cfg.dev_queries = ""  # '' = the queries file: its queries with qrels are dev, never trained on
     cfg.qrels = ""  # BEIR qrels TSV (query-id corpus-id score) or TREC qrels; '' = no labels
     cfg.default_language = ""  # the language of queries without a lang field ('' = they are an error)
@@ -245,8 +245,8 @@ def _need_file(cfg: ml_collections.ConfigDict, key: str, what: str) -> str:
 
 
 def _read_queries(path: str, key: str, cfg: ml_collections.ConfigDict) -> list[Query]:
-    queries, report = read_queries_jsonl(path, on_error=check_on_error(cfg.queries_on_error),
-                                         default_lang=cfg.default_language)
+    queries, report = read_queries(path, on_error=check_on_error(cfg.queries_on_error),
+                                   default_lang=cfg.default_language)
     logging.info("data.%s: %s", key, report.summary())
     if not queries:
         raise ValueError(f"--config.data.{key}={path}: no usable queries ({report.summary()})")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import gzip
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -104,8 +105,9 @@ def check_on_error(on_error: str) -> OnError:
 
 
 def _open_binary(path: str | os.PathLike):
+    """The file, decompressed on the fly for a `.gz` name (BEIR-style corpora often ship gzipped)."""
     try:
-        return open(path, "rb")
+        return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
 
@@ -151,8 +153,8 @@ def _parse_tsv(text: str, layout: _TsvLayout, path: str, line_no: int) -> Passag
 
 
 def corpus_format(path: str | os.PathLike) -> str:
-    """'jsonl' (BEIR's corpus.jsonl: one object per line) or 'tsv' (DPR), by the file name."""
-    return "jsonl" if str(path).endswith(".jsonl") else "tsv"
+    """'jsonl' (BEIR's corpus.jsonl: one object per line) or 'tsv' (DPR), by the file name (.gz aside)."""
+    return "jsonl" if str(path).removesuffix(".gz").endswith(".jsonl") else "tsv"
 
 
 def _json_object(text: str, path: str, line_no: int) -> dict:
@@ -166,6 +168,8 @@ def _json_object(text: str, path: str, line_no: int) -> dict:
 
 
 LANGUAGE_FIELDS = ("lang", "language")
+PASSAGE_ID_FIELDS = ("_id", "id", "docid")  # BEIR, DPR-style JSONL, MIRACL / Mr. TyDi
+QUERY_ID_FIELDS = ("id", "_id", "query_id", "qid")
 
 
 def _record_language(record: dict, path: str, line_no: int, default: str) -> str:
@@ -181,9 +185,9 @@ def _record_language(record: dict, path: str, line_no: int, default: str) -> str
 
 
 def _parse_beir_passage(text: str, path: str, line_no: int) -> Passage:
-    """A BEIR corpus line: `_id` (or `id`), `text`, optional `title` and language."""
+    """A BEIR corpus line: `_id` (or `id`, `docid`), `text`, optional `title` and language."""
     record = _json_object(text, path, line_no)
-    key = next((k for k in ("_id", "id") if k in record), None)
+    key = next((k for k in PASSAGE_ID_FIELDS if k in record), None)
     if key is None or "text" not in record:
         missing = [name for name, ok in (("_id", key is not None), ("text", "text" in record)) if not ok]
         raise InputError(path, line_no, f"missing field: {', '.join(missing)}")
@@ -279,10 +283,38 @@ def lookup_passages(path: str | os.PathLike, ids: Iterable[str], *, on_error: On
     return found
 
 
+def read_queries(path: str | os.PathLike, *, on_error: OnError = "raise", default_lang: str = "",
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[list[Query], ReadReport]:
+    """Queries from JSONL (read_queries_jsonl) or, for a `.tsv` name, TREC-style topics: `id<TAB>text` lines,
+    all in `default_lang`."""
+    if not str(path).removesuffix(".gz").endswith(".tsv"):
+        return read_queries_jsonl(path, on_error=on_error, default_lang=default_lang, max_line_bytes=max_line_bytes)
+    on_error = check_on_error(on_error)
+    path = str(path)
+    if not default_lang:
+        raise ValueError(f"{path}: a TSV query file has no language column; set the default language")
+    lang = normalize_language_code(default_lang, source="default language")
+    report, queries, seen = ReadReport(path), [], set()
+    with _open_binary(path) as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            report.read += 1
+            try:
+                fields = _decode(raw, path, line_no, max_line_bytes).split("\t")
+                if len(fields) != 2:
+                    raise InputError(path, line_no, f"wrong column count: expected 2 (id, text), got {len(fields)}")
+                queries.append(_checked_query(fields[0].strip(), fields[1].strip(), lang, path, line_no, seen))
+                report.used += 1
+            except InputError as e:
+                report.reject(e, on_error)
+    return queries, report
+
+
 def read_queries_jsonl(path: str | os.PathLike, *, on_error: OnError = "raise",
-                       text_fields: tuple[str, ...] = ("text", "question"), default_lang: str = "",
+                       text_fields: tuple[str, ...] = ("text", "question", "query"), default_lang: str = "",
                        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> tuple[list[Query], ReadReport]:
-    """Queries from JSONL: `id` (BEIR: `_id`), the text (`text`, or `question` as in XOR-TyDi), the language.
+    """Queries from JSONL: `id` (BEIR: `_id`), the text (`text`, `question` as in XOR-TyDi, or `query`), the language.
 
     The language is `lang` or `language`, top-level or in BEIR's `metadata`;
     a query without one gets `default_lang`, and is an error if that is ''.
@@ -310,14 +342,17 @@ def read_queries_jsonl(path: str | os.PathLike, *, on_error: OnError = "raise",
 def _parse_query(text: str, path: str, line_no: int, text_fields: tuple[str, ...], default_lang: str,
                  seen: set[str]) -> Query:
     record = _json_object(text, path, line_no)
-    key = next((k for k in ("id", "_id") if k in record), None)
+    key = next((k for k in QUERY_ID_FIELDS if k in record), None)
     field = next((f for f in text_fields if f in record), None)
     lang = _record_language(record, path, line_no, default_lang)
     missing = [name for name, ok in (("id", key is not None), ("|".join(text_fields), field is not None),
                                      ("lang", bool(lang))) if not ok]
     if missing:
         raise InputError(path, line_no, f"missing field: {', '.join(missing)}")
-    qid, body = str(record[key]).strip(), str(record[field]).strip()
+    return _checked_query(str(record[key]).strip(), str(record[field]).strip(), lang, path, line_no, seen)
+
+
+def _checked_query(qid: str, body: str, lang: str, path: str, line_no: int, seen: set[str]) -> Query:
     if not qid:
         raise InputError(path, line_no, "empty id")
     if not body:

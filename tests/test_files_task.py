@@ -206,6 +206,23 @@ def test_gzipped_files_tsv_topics_and_other_id_fields(tmp_path):
     assert read_queries(jsonl)[0] == [Query("9", "quoi?", "fr")]
 
 
+def test_jsonl_corpus_chunks_shard_across_processes_and_resume(tmp_path):
+    """Chunk c is the same lines in every process and run: two processes' chunks are disjoint and cover the
+    corpus (a bad line is counted in its chunk), and finished chunks are stepped over."""
+    from umr_jax.data.readers import iter_passage_chunks
+
+    lines = [json.dumps({"_id": f"p{i}", "text": f"passage {i}"}) for i in range(10)]
+    lines[4] = '{"_id": "p4"}'
+    path = _write(tmp_path / "corpus.jsonl", lines)
+    shards = [list(iter_passage_chunks(path, 3, shard_index=s, num_shards=2, on_error="skip")) for s in (0, 1)]
+    assert [c for c, _, _ in shards[0]] == [0, 2] and [c for c, _, _ in shards[1]] == [1, 3]
+    ids = sorted((p.id for shard in shards for _, chunk, _ in shard for p in chunk), key=lambda i: int(i[1:]))
+    assert ids == [f"p{i}" for i in range(10) if i != 4]
+    assert sum(r.num_skipped for shard in shards for _, _, r in shard) == 1
+    resumed = list(iter_passage_chunks(path, 3, shard_index=0, num_shards=2, skip_chunks={0}, on_error="skip"))
+    assert [(c, [p.id for p in chunk]) for c, chunk, _ in resumed] == [(2, ["p6", "p7", "p8"])]
+
+
 def test_qrels_in_beir_and_trec_form(tmp_path):
     beir = _write(tmp_path / "dev.tsv", ["query-id\tcorpus-id\tscore", "q1\tp1\t1", "q1\tp2\t0", "q2\tp3\t2"])
     trec = _write(tmp_path / "dev.qrels", ["q1 0 p1 1", "q1 0 p2 0", "q2 0 p3 2"])

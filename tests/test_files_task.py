@@ -269,3 +269,13 @@ def test_files_task_config_mistakes(beir, change, error):
         cfg[key] = value
     with pytest.raises((ValueError, FileNotFoundError), match=error):
         tasks.build_task("files", cfg)
+
+
+def test_a_data_mistake_ends_the_run_with_one_line_and_leaves_no_config_record(beir, tmp_path):
+    """The corrected command must not be refused as 'another config' by a record the failed start left."""
+    done = run_tiny(tmp_path / "run", "--config.task=files", f"--config.data.corpus={beir}/corpus.jsonl",
+                    f"--config.data.queries={tmp_path}/missing.jsonl")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"umr_jax.main: error: --config.data.queries={tmp_path}/missing.jsonl: no such file")
+    assert not (tmp_path / "run" / "config.json").exists()

@@ -146,6 +146,13 @@ class Run:
         self.primary = distributed.is_primary()
         self.lock = workdir_lock.acquire(workdir, cfg.reliability) if self.primary else None
         try:
+            # The data first: a mistake in it (a missing file, a bad line) must not leave a config
+            # record behind that the corrected command would then be refused by.
+            self.task = tasks.build_task(cfg.task, cfg.data, int(cfg.seed))
+            logging.info("task %s: %d training queries, %d dev queries, corpus %s", self.task.name,
+                         len(self.task.train_queries), len(self.task.dev_queries),
+                         f"{len(self.task.passages)} passages" if self.task.passages is not None
+                         else self.task.corpus_path)
             # Process 0 creates the workdir and its config record; the others then check against it.
             self.dir = RunDir(workdir, cfg, writable=True) if self.primary else None
             distributed.barrier("workdir")
@@ -155,11 +162,6 @@ class Run:
             self.mesh = sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model"), devices=jax.local_devices())
             self.train_mesh = (self.mesh if jax.process_count() == 1
                                else sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model")))
-            self.task = tasks.build_task(cfg.task, cfg.data, int(cfg.seed))
-            logging.info("task %s: %d training queries, %d dev queries, corpus %s", self.task.name,
-                         len(self.task.train_queries), len(self.task.dev_queries),
-                         f"{len(self.task.passages)} passages" if self.task.passages is not None
-                         else self.task.corpus_path)
             self.retriever = retriever.Retriever.from_config(cfg.retriever, self.mesh, seed=int(cfg.seed))
             self.model_round = 0  # which round's weights the retriever holds
             self.scalars = report.Scalars(self.dir.sub("tensorboard"), enabled=self.primary)

@@ -130,13 +130,16 @@ def test_bad_configs_fail_before_any_heavy_work(tmp_path, key, value, error, mes
 
 
 def test_a_workdir_refuses_another_config(tmp_path):
-    cfg = tiny_config()
-    cfg.data.num_passages = 1  # fails after the workdir is claimed, before heavy work
-    with pytest.raises(ValueError):
-        main.Run(cfg, str(tmp_path))
+    bad = tiny_config()
+    bad.data.num_passages = 1  # a data mistake: fails before the workdir records any config
+    with pytest.raises(ValueError, match="num_passages"):
+        main.Run(bad, str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "config.json").exists()
+    main.Run(tiny_config(), str(tmp_path / "run")).close()
     other = tiny_config()
-    with pytest.raises(ConfigMismatchError, match=r"data\.num_passages: 1 -> 96"):
-        main.Run(other, str(tmp_path))
+    other.data.num_passages = 95
+    with pytest.raises(ConfigMismatchError, match=r"data\.num_passages: 96 -> 95"):
+        main.Run(other, str(tmp_path / "run"))
 
 
 @pytest.mark.parametrize("argv, line", [

@@ -300,26 +300,34 @@ def seeds_section(runs: Sequence[FinishedRun]) -> str:
     pairs = [(f"seed {s}: round {last} - round 0", pq, zero) for s, pq in zip(seeds, finals, strict=True)]
     pairs.append((f"seed mean: round {last} - round 0", mean, zero))
     measures = measured(zero, COMPARED)
+    rounds = ([("round 1", seed_mean(firsts))] if firsts else []) + [(f"round {last}", mean)]
+    if firsts:
+        pairs.insert(-1, ("seed mean: round 1 - round 0", rounds[0][1], zero))
+        systems.insert(-1, (f"mean of the {len(runs)} seeds' round-1 scores", rounds[0][1]))
     spread_rows = []
-    for m in measures:
-        gains = [by_language(pq, langs)[AVERAGE][m] - by_language(zero, langs)[AVERAGE][m] for pq in finals]
-        spread_rows.append([m, f"{np.mean(gains):+.4f}", f"{np.std(gains, ddof=1):.4f}" if len(gains) > 1 else "",
-                            f"{min(gains):+.4f}", f"{max(gains):+.4f}"])
+    for name, per_seed in ([("round 1", firsts)] if firsts else []) + [(f"round {last}", finals)]:
+        for m in measures:
+            gains = [by_language(pq, langs)[AVERAGE][m] - by_language(zero, langs)[AVERAGE][m] for pq in per_seed]
+            spread_rows.append([name, m, f"{np.mean(gains):+.4f}",
+                                f"{np.std(gains, ddof=1):.4f}" if len(gains) > 1 else "",
+                                f"{min(gains):+.4f}", f"{max(gains):+.4f}"])
     per_lang_rows = []
     for lang in sorted(set(langs.values())):
         ids = {q for q, lg in langs.items() if lg == lang}
 
-        def only(pq: PerQuery, ids: set[str] = ids) -> PerQuery:
-            return {q: v for q, v in pq.items() if q in ids}
+        def only(pq: PerQuery, ids: set[str] = ids) -> dict[str, float]:
+            return {q: v["map@20"] for q, v in pq.items() if q in ids}
         sub_langs = {q: langs[q] for q in ids}
         sub_clusters = {q: clusters[q] for q in ids} if clusters else None
-        interval = paired_bootstrap(column(only(mean), "map@20"), column(only(zero), "map@20"), sub_langs,
-                                    clusters=sub_clusters)
+        row: list[object] = [lang, float(np.mean(list(only(zero).values())))]
+        for _, pq in rounds:
+            interval = paired_bootstrap(only(pq), only(zero), sub_langs, clusters=sub_clusters)
+            row += [float(np.mean(list(only(pq).values()))), f"{interval}{' *' if interval.excludes_zero else ''}"]
         gains = [float(np.mean([pq[q]["map@20"] - zero[q]["map@20"] for q in ids])) for pq in finals]
-        per_lang_rows.append([lang, float(np.mean([zero[q]["map@20"] for q in ids])),
-                              float(np.mean([mean[q]["map@20"] for q in ids])),
-                              f"{interval}{' *' if interval.excludes_zero else ''}",
-                              f"{min(gains):+.4f} / {max(gains):+.4f}", sum(g > 0 for g in gains)])
+        per_lang_rows.append([*row, f"{min(gains):+.4f} / {max(gains):+.4f}", sum(g > 0 for g in gains)])
+    lang_header = ["language", "zero-shot"]
+    for name, _ in rounds:
+        lang_header += [f"{name} (seed mean)", f"Δ {name} [95% CI]"]
     return "\n\n".join([
         f"### Seeds: zero-shot against round {last} ({len(runs)} runs that differ only in the seed: "
         f"{', '.join(map(str, seeds))})",
@@ -331,12 +339,12 @@ def seeds_section(runs: Sequence[FinishedRun]) -> str:
         + ("questions with all their translations" if clusters else "queries")
         + "; * = the interval excludes 0):",
         differences_table(pairs, langs, clusters),
-        f"Spread over seeds of the round-{last} gain (macro average):",
-        markdown(["measure", "mean gain", "std over seeds", "smallest", "largest"], spread_rows),
-        f"mAP@20 per query language: zero-shot, the seed mean of round {last}, its paired interval (within the "
-        "language), the smallest and largest gain of a single seed, and how many seeds gained:",
-        markdown(["language", "zero-shot", f"round {last} (seed mean)", "Δ [95% CI]", "seed gains (min / max)",
-                  "seeds > 0"], per_lang_rows),
+        "Spread over seeds of each round's gain over zero-shot (macro average):",
+        markdown(["round", "measure", "mean gain", "std over seeds", "smallest", "largest"], spread_rows),
+        "mAP@20 per query language: zero-shot, the seed mean of each round with its paired interval against "
+        f"zero-shot (within the language), and for round {last} the smallest and largest gain of a single seed and "
+        "how many seeds gained:",
+        markdown([*lang_header, f"round-{last} seed gains (min / max)", "seeds > 0"], per_lang_rows),
     ])
 
 

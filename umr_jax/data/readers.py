@@ -294,21 +294,31 @@ def read_queries(path: str | os.PathLike, *, on_error: OnError = "raise", defaul
     if not default_lang:
         raise ValueError(f"{path}: a TSV query file has no language column; set the default language")
     lang = normalize_language_code(default_lang, source="default language")
-    report, queries, seen = ReadReport(path), [], set()
+    seen: set[str] = set()
+
+    def parse(text: str, line_no: int) -> Query:
+        fields = text.split("\t")
+        if len(fields) != 2:
+            raise InputError(path, line_no, f"wrong column count: expected 2 (id, text), got {len(fields)}")
+        return _checked_query(fields[0].strip(), fields[1].strip(), lang, path, line_no, seen)
+    return _read_lines(path, parse, on_error, max_line_bytes)
+
+
+def _read_lines(path: str, parse: Callable[[str, int], Query], on_error: OnError,
+                max_line_bytes: int) -> tuple[list[Query], ReadReport]:
+    """`parse(text, line_no)` of every non-blank line, bad ones raised or counted per `on_error`."""
+    report, records = ReadReport(path), []
     with _open_binary(path) as f:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             report.read += 1
             try:
-                fields = _decode(raw, path, line_no, max_line_bytes).split("\t")
-                if len(fields) != 2:
-                    raise InputError(path, line_no, f"wrong column count: expected 2 (id, text), got {len(fields)}")
-                queries.append(_checked_query(fields[0].strip(), fields[1].strip(), lang, path, line_no, seen))
+                records.append(parse(_decode(raw, path, line_no, max_line_bytes), line_no))
                 report.used += 1
             except InputError as e:
                 report.reject(e, on_error)
-    return queries, report
+    return records, report
 
 
 def read_queries_jsonl(path: str | os.PathLike, *, on_error: OnError = "raise",
@@ -323,20 +333,9 @@ def read_queries_jsonl(path: str | os.PathLike, *, on_error: OnError = "raise",
     on_error = check_on_error(on_error)
     if default_lang:
         default_lang = normalize_language_code(default_lang, source="default language")
-    path = str(path)
-    report, queries, seen = ReadReport(path), [], set()
-    with _open_binary(path) as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            report.read += 1
-            try:
-                queries.append(_parse_query(_decode(raw, path, line_no, max_line_bytes), path, line_no,
-                                            text_fields, default_lang, seen))
-                report.used += 1
-            except InputError as e:
-                report.reject(e, on_error)
-    return queries, report
+    path, seen = str(path), set()
+    return _read_lines(path, lambda text, line_no: _parse_query(text, path, line_no, text_fields, default_lang, seen),
+                       on_error, max_line_bytes)
 
 
 def _parse_query(text: str, path: str, line_no: int, text_fields: tuple[str, ...], default_lang: str,

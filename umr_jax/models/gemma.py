@@ -54,6 +54,7 @@ _ACTIVATIONS = {
 # `layer_types`: every sixth layer is global.
 _DEFAULT_SLIDING_WINDOW_PATTERN = 6
 _MASKED = -1e9  # additive bias for hidden keys, float32 so it survives bf16 compute
+KVCache = tuple[jax.Array, jax.Array]  # one layer's keys and values, (batch, kv_heads, slots, head_dim) each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +268,25 @@ def packed_attention_bias(segments: jax.Array, positions: jax.Array, sliding_win
     return jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)[:, None, None]
 
 
+def cached_attention_bias(positions: jax.Array, length: int, sliding_window: int | None) -> jax.Array:
+    """Additive float32 bias (batch, 1, 1, T, length) for queries at `positions` (batch, T) over cache slots.
+
+    Slot j holds position j, so a query at position q sees slots j <= q
+    (and q - j < sliding_window on sliding layers), as :func:`attention_bias`.
+    """
+    delta = positions[:, :, None] - jnp.arange(length)[None, None, :]
+    visible = delta >= 0
+    if sliding_window is not None:
+        visible = visible & (delta < sliding_window)
+    return jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)[:, None, None]
+
+
+def write_rows(cache: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
+    """cache[r, :, start[r]:start[r]+T] = update[r] for every row r ((batch, heads, slots, dim) arrays)."""
+    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), s, axis=1))(
+        cache, update, start)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with QK norms and rotary embeddings."""
 
@@ -284,7 +304,8 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype, offset=1.0, axes=("kv",))
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype, offset=1.0, axes=("kv",))
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:
+    def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Normed, rotated queries and keys, and values, as (batch, heads, length, head_dim)."""
         dt = self.dtype
         # (batch, heads, length, head_dim): the attention einsums then batch
         # over leading dimensions without transposes.
@@ -295,6 +316,10 @@ class Attention(nnx.Module):
         k = self.k_norm(k)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+        dt = self.dtype
         b, n, t, d = q.shape
         # Query head j uses key/value head j // groups (HF's repeat_kv order).
         q = q.reshape(b, self.num_kv_heads, self.groups, t, d)
@@ -302,6 +327,22 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(logits + bias, axis=-1).astype(dt)
         ctx = mixed_dot("bkgqs,bksd->bkgqd", probs, v, dt).reshape(b, n, t, d)
         return mixed_dot("bhqd,hde->bqe", ctx, self.o_kernel[...], dt)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:
+        return self._attend(*self._qkv(x, cos, sin), bias)
+
+    def cached(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array, cache: KVCache,
+               start: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Attention of new tokens over a key/value cache that they are first written into.
+
+        Row r's new keys and values land at cache slots start[r], start[r]+1, ...
+        (the tokens' positions), and `bias` (see :func:`cached_attention_bias`)
+        hides every slot after a query's own position, so slots that still
+        hold stale values (a right-padded prompt's padding) are never read.
+        """
+        q, k, v = self._qkv(x, cos, sin)
+        cache = (write_rows(cache[0], k, start), write_rows(cache[1], v, start))
+        return self._attend(q, *cache, bias), cache
 
 
 class FeedForward(nnx.Module):
@@ -341,6 +382,13 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:
         x = x + self.post_attention_norm(self.attention(self.input_norm(x), cos, sin, bias))
         return x + self.post_ffn_norm(self.ffn(self.pre_ffn_norm(x)))
+
+    def cached(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array, cache: KVCache,
+               start: jax.Array) -> tuple[jax.Array, KVCache]:
+        """:meth:`__call__` for new tokens over this layer's key/value cache (see :meth:`Attention.cached`)."""
+        update, cache = self.attention.cached(self.input_norm(x), cos, sin, bias, cache, start)
+        x = x + self.post_attention_norm(update)
+        return x + self.post_ffn_norm(self.ffn(self.pre_ffn_norm(x))), cache
 
 
 class Gemma3(nnx.Module):
@@ -413,6 +461,40 @@ class Gemma3(nnx.Module):
             biases[t] = (attention_bias(mask, window) if segments is None
                          else packed_attention_bias(segments, positions, window))
         return self._layers(x, rope, biases)
+
+    def init_cache(self, batch: int, length: int) -> list[KVCache]:
+        """Zeroed keys and values for `length` positions, per layer: (batch, kv_heads, length, head_dim) each.
+
+        Every layer keeps all positions, sliding ones included: the window is
+        applied by the attention bias, which keeps one code path and one
+        cache shape (a 270M model's cache is small next to its weights).
+        """
+        cfg = self.config
+        shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
+        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers]
+
+    def hidden_states_cached(self, ids: jax.Array, start: jax.Array,
+                             cache: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
+        """Final-norm states of new tokens `ids` (batch, T) at positions start[r] + 0..T-1, and the updated cache.
+
+        Prefill is a call with start = 0 and the right-padded prompts; each
+        decoding step is a call with one token per row at its own position.
+        A row's states equal :meth:`hidden_states` over its whole sequence.
+        """
+        cfg = self.config
+        positions = start[:, None] + jnp.arange(ids.shape[1])[None, :]
+        normalizer = jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
+        x = jnp.take(self.embed[...], ids, axis=0).astype(self.dtype) * normalizer
+        rope = self._rope_tables(ids.shape[1], positions)
+        length = cache[0][0].shape[2]
+        biases = {t: cached_attention_bias(positions, length, cfg.sliding_window if t == "sliding_attention" else None)
+                  for t in set(cfg.layer_types)}
+        updated = []
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            cos, sin = rope[layer.layer_type]
+            x, layer_cache = layer.cached(x, cos, sin, biases[layer.layer_type], layer_cache, start)
+            updated.append(layer_cache)
+        return self.final_norm(x), updated
 
     def _layers(self, x: jax.Array, rope: dict, biases: dict) -> jax.Array:
         for layer in self.layers:

@@ -276,8 +276,15 @@ class Attention(nnx.Module):
                  *, deterministic: bool) -> jax.Array:
         """`x` attends to `context` (itself for self-attention); biases are float32 and broadcast."""
         q = self._project(x, self.q_kernel)
-        k = self._project(context, self.k_kernel)
-        v = self._project(context, self.v_kernel)
+        return self.attend(q, *self.keys_values(context), position_bias, mask_bias, deterministic=deterministic)
+
+    def keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of `context`, (batch, heads, length, d_kv): what a decoding cache holds."""
+        return self._project(context, self.k_kernel), self._project(context, self.v_kernel)
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, position_bias: jax.Array | None,
+               mask_bias: jax.Array, *, deterministic: bool) -> jax.Array:
+        """Projected queries over keys/values -> the output projection (batch, queries, d_model)."""
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) + mask_bias
         if position_bias is not None:
             logits = logits + position_bias
@@ -285,6 +292,9 @@ class Attention(nnx.Module):
         probs = self.attn_dropout(probs, deterministic=deterministic)
         ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
         return jnp.einsum("bhqd,hde->bqe", ctx, self.o_kernel[...].astype(self.dtype))
+
+    def query(self, x: jax.Array) -> jax.Array:
+        return self._project(x, self.q_kernel)
 
 
 class FeedForward(nnx.Module):
@@ -369,6 +379,22 @@ class DecoderLayer(_Block):
                            deterministic)
         return self._feed_forward(x, deterministic)
 
+    def step(self, x: jax.Array, t: jax.Array, position_bias: jax.Array, self_mask_bias: jax.Array,
+             cross_kv: tuple[jax.Array, jax.Array], cross_mask_bias: jax.Array,
+             cache: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One decoding position `t` (x: (batch, 1, d_model)) over the self-attention cache and the
+        precomputed cross-attention keys/values; the token's keys/values are written at slot t first."""
+        h = self.self_attention_norm(x)
+        k, v = self.self_attention.keys_values(h)
+        cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), t, axis=2)
+                      for c, u in zip(cache, (k, v), strict=True))
+        x = x + self.self_attention.attend(self.self_attention.query(h), *cache, position_bias, self_mask_bias,
+                                           deterministic=True)
+        h = self.cross_attention_norm(x)
+        x = x + self.cross_attention.attend(self.cross_attention.query(h), *cross_kv, None, cross_mask_bias,
+                                            deterministic=True)
+        return x + self.ffn(self.ffn_norm(x), deterministic=True), cache
+
 
 class _Stack(nnx.Module):
     """Blocks of one kind (the first owns the stack's relative bias table), then a final norm; dropout around."""
@@ -417,6 +443,40 @@ class Decoder(_Stack):
                          deterministic=deterministic)
 
 
+    def step(self, x: jax.Array, t: jax.Array, state: DecoderCache) -> tuple[jax.Array, DecoderCache]:
+        """Final decoder states (batch, 1, d_model) of the token at position `t`, and the updated cache.
+
+        Equals row t of :meth:`__call__` over the whole target: the same
+        relative position bias row, and keys after t are masked.
+        """
+        length = state.self_kv[0][0].shape[2]
+        # Row t of the (length x length) causal bias: a gather from the small
+        # table, cheaper than carrying a per-row copy through beam reordering.
+        full_bias = self.layers[0].self_attention.position_bias(length, length)
+        position_bias = jax.lax.dynamic_slice_in_dim(full_bias, t, 1, axis=2)
+        self_mask_bias = jnp.where(jnp.arange(length) <= t, 0.0, _MASKED).astype(jnp.float32)[None, None, None]
+        updated = []
+        for layer, cross_kv, cache in zip(self.layers, state.cross_kv, state.self_kv, strict=True):
+            x, cache = layer.step(x, t, position_bias, self_mask_bias, cross_kv, state.cross_mask_bias, cache)
+            updated.append(cache)
+        return self.final_norm(x), dataclasses.replace(state, self_kv=updated)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecoderCache:
+    """What incremental decoding keeps per row: self-attention keys/values, cross-attention keys/values.
+
+    `self_kv` (per layer, (batch, heads, target_slots, d_kv) each) grows one
+    slot a step; the rest is computed once from the encoder output. Every
+    leaf has one row per sequence, so beam search reorders them alike.
+    """
+
+    self_kv: list[tuple[jax.Array, jax.Array]]
+    cross_kv: list[tuple[jax.Array, jax.Array]]
+    cross_mask_bias: jax.Array  # (batch, 1, 1, source_length)
+
+
 class MT5(nnx.Module):
     """mT5 / T5 encoder-decoder with its LM head; scoring splits into encode, decode and logits.
 
@@ -461,6 +521,23 @@ class MT5(nnx.Module):
         if self.config.tie_word_embeddings:
             hidden = hidden * jnp.asarray(self.config.d_model ** -0.5, hidden.dtype)
         return hidden
+
+    def init_decoder_cache(self, encoded: jax.Array, encoder_mask: jax.Array, length: int) -> DecoderCache:
+        """The decoding state for `length` target positions: cross keys/values from `encoded`, empty self cache."""
+        cfg = self.config
+        layers = self.decoder.layers
+        shape = (encoded.shape[0], cfg.num_heads, length, cfg.d_kv)
+        return DecoderCache(
+            self_kv=[(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in layers],
+            cross_kv=[layer.cross_attention.keys_values(encoded) for layer in layers],
+            cross_mask_bias=_key_bias(encoder_mask))
+
+    def decode_step(self, token: jax.Array, t: jax.Array, cache: DecoderCache) -> tuple[jax.Array, DecoderCache]:
+        """Decoder states (batch, d_model) for one new token per row at position `t`, ready for :meth:`logits`."""
+        hidden, cache = self.decoder.step(self._embed(token[:, None]), t, cache)
+        if self.config.tie_word_embeddings:
+            hidden = hidden * jnp.asarray(self.config.d_model ** -0.5, hidden.dtype)
+        return hidden[:, 0], cache
 
     def head_weight(self) -> jax.Array:
         """The LM head as (vocab, d_model) in the compute dtype (rows gathered per label by scorers)."""

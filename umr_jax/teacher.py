@@ -444,6 +444,44 @@ class PackedRows:
 # ----------------------------------------------------------------------------- scoring
 
 
+def load_lm(cfg: ml_collections.ConfigDict, seed: int = 0, role: str = "teacher") -> tuple[nnx.Module, Any]:
+    """The LM and tokenizer a `teacher`-style config section names (`model`, `checkpoint`, `tokenizer`,
+    dtypes, `random`); the reader loads its generator the same way."""
+    start = time.perf_counter()
+    if cfg.checkpoint == "random":
+        from umr_jax.models import gemma_weights
+        from umr_jax.models.gemma import Gemma3Config
+
+        if cfg.model != "gemma3":
+            raise ValueError(f"{role}.checkpoint='random' builds a Gemma 3; set {role}.model='gemma3'")
+        tokenizer = gemma_weights.load_tokenizer(cfg.tokenizer or gemma_weights.default_gguf_path())
+        config = Gemma3Config(vocab_size=len(tokenizer), **cfg.random)
+        model = gemma_weights.build_gemma(config, param_dtype=resolve_auto_dtype(cfg.param_dtype),
+                                          dtype=resolve_auto_dtype(cfg.dtype), seed=seed)
+        description = f"random Gemma 3 {dict(cfg.random)}"
+    elif cfg.model == "mt5":
+        from umr_jax.models.hf_checkpoint import load_tokenizer
+        from umr_jax.models.t5_weights import build_mt5, load_hf_weights, load_t5_checkpoint
+
+        ckpt = load_t5_checkpoint(cfg.checkpoint)
+        model = build_mt5(ckpt.config, param_dtype=resolve_auto_dtype(cfg.param_dtype),
+                          dtype=resolve_auto_dtype(cfg.dtype), seed=seed, random_init=False)
+        load_hf_weights(model, ckpt.weights, ckpt.description)
+        tokenizer = load_tokenizer(cfg.tokenizer or ckpt.tokenizer_source)
+        description = ckpt.description
+    else:
+        from umr_jax.models import gemma_weights
+
+        ckpt = gemma_weights.load_gemma_checkpoint(cfg.checkpoint)
+        model = gemma_weights.build_gemma(ckpt.config, param_dtype=resolve_auto_dtype(cfg.param_dtype),
+                                          dtype=resolve_auto_dtype(cfg.dtype), seed=seed, random_init=False)
+        gemma_weights.load_hf_weights(model, ckpt.weights, ckpt.description)
+        tokenizer = gemma_weights.load_tokenizer(cfg.tokenizer or ckpt.tokenizer_source)
+        description = ckpt.description
+    logging.info("%s: %s (%s) loaded in %.1fs", role, description, cfg.model, time.perf_counter() - start)
+    return model, tokenizer
+
+
 class Teacher:
     """Tokenizer + generative LM on a mesh; scores (query, passage) pairs."""
 
@@ -469,38 +507,7 @@ class Teacher:
     def from_config(cls, cfg: ml_collections.ConfigDict, mesh: Mesh, rules=sharding.DEFAULT_RULES,
                     seed: int = 0) -> Teacher:
         validate_config(cfg)
-        start = time.perf_counter()
-        if cfg.checkpoint == "random":
-            from umr_jax.models import gemma_weights
-            from umr_jax.models.gemma import Gemma3Config
-
-            if cfg.model != "gemma3":
-                raise ValueError("teacher.checkpoint='random' builds a Gemma 3; set teacher.model='gemma3'")
-            tokenizer = gemma_weights.load_tokenizer(cfg.tokenizer or gemma_weights.default_gguf_path())
-            config = Gemma3Config(vocab_size=len(tokenizer), **cfg.random)
-            model = gemma_weights.build_gemma(config, param_dtype=resolve_auto_dtype(cfg.param_dtype),
-                                              dtype=resolve_auto_dtype(cfg.dtype), seed=seed)
-            description = f"random Gemma 3 {dict(cfg.random)}"
-        elif cfg.model == "mt5":
-            from umr_jax.models.hf_checkpoint import load_tokenizer
-            from umr_jax.models.t5_weights import build_mt5, load_hf_weights, load_t5_checkpoint
-
-            ckpt = load_t5_checkpoint(cfg.checkpoint)
-            model = build_mt5(ckpt.config, param_dtype=resolve_auto_dtype(cfg.param_dtype),
-                              dtype=resolve_auto_dtype(cfg.dtype), seed=seed, random_init=False)
-            load_hf_weights(model, ckpt.weights, ckpt.description)
-            tokenizer = load_tokenizer(cfg.tokenizer or ckpt.tokenizer_source)
-            description = ckpt.description
-        else:
-            from umr_jax.models import gemma_weights
-
-            ckpt = gemma_weights.load_gemma_checkpoint(cfg.checkpoint)
-            model = gemma_weights.build_gemma(ckpt.config, param_dtype=resolve_auto_dtype(cfg.param_dtype),
-                                              dtype=resolve_auto_dtype(cfg.dtype), seed=seed, random_init=False)
-            gemma_weights.load_hf_weights(model, ckpt.weights, ckpt.description)
-            tokenizer = gemma_weights.load_tokenizer(cfg.tokenizer or ckpt.tokenizer_source)
-            description = ckpt.description
-        logging.info("teacher: %s (%s) loaded in %.1fs", description, cfg.model, time.perf_counter() - start)
+        model, tokenizer = load_lm(cfg, seed, "teacher")
         return cls(model, tokenizer, cfg, mesh, rules)
 
     def tokenize(self, queries: Sequence[str], passages: Sequence[Any], languages: Sequence[str]) -> TokenizedPairs:

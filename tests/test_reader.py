@@ -114,3 +114,15 @@ def test_read_stage_resumes_after_a_kill(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (workdir / "read" / "chunk-000000.json").stat().st_mtime_ns == first  # kept, not redone
     assert (workdir / "read" / "answers.jsonl").read_text() == (reference / "read" / "answers.jsonl").read_text()
+
+
+def test_missing_mgen_directory_is_one_line_before_any_model(tmp_path):
+    from helpers import tiny_config
+    from umr_jax import main
+
+    cfg = tiny_config()
+    cfg.read = reader.mgen(str(tmp_path / "mGEN_model"))
+    with pytest.raises(FileNotFoundError, match=r"--config.read.checkpoint=.*mGEN_model: no such model directory"):
+        main.validate(cfg)
+    cfg.read.k = 0  # no read stage: the reader's checkpoint is not looked at
+    main.validate(cfg)

@@ -89,6 +89,24 @@ def test_xquad_r_as_beir_files_gives_the_same_task_and_metrics(shared_data, beir
     assert task.evaluate(perfect) == reference.evaluate(perfect)
 
 
+def assert_read_metrics_score_the_answers(workdir: pathlib.Path, shared_data: pathlib.Path) -> None:
+    """read/metrics.json is XOR-Full's F1 / EM / BLEU of read/answers.jsonl against XQuAD's answers."""
+    from umr_jax import evaluate
+    from umr_jax.answer_metrics import score_example
+    from umr_jax.data.xquad_r import answer_texts
+
+    rows = [json.loads(line) for line in (workdir / "read" / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and {r["lang"] for r in rows} == {"de", "zh"}
+    gold = answer_texts(str(shared_data / "xquad-r"), ["de", "zh"])
+    per_query = {}
+    for r in rows:
+        s = score_example(r["answer"], [gold[r["id"]]], r["lang"])
+        per_query[r["id"]] = {"f1": s.f1, "em": s.em, "bleu": s.bleu}
+    expected = evaluate.by_language(per_query, {r["id"]: r["lang"] for r in rows})
+    assert json.loads((workdir / "read" / "metrics.json").read_text()) == json.loads(json.dumps(expected))
+    assert "read" in recorded_stages(workdir)
+
+
 def test_a_umr_run_on_beir_files_equals_the_xquad_r_run(shared_data, beir, tmp_path):
     """The whole pipeline (encode, search, teacher, training, evaluation) from the BEIR files ranks and scores as
     the xquad_r task does (random tiny models: the equality is the point, not the numbers)."""
@@ -96,8 +114,12 @@ def test_a_umr_run_on_beir_files_equals_the_xquad_r_run(shared_data, beir, tmp_p
               "--config.data.max_dev_queries=40"]
     xquad = run_tiny(tmp_path / "xquad", *common, "--config.task=xquad_r",
                      f"--config.data.local_dir={shared_data / 'xquad-r'}", "--config.data.languages=('de','zh')",
-                     "--config.data.max_articles=6", "--config.data.candidate_template={sentence}")
+                     "--config.data.max_articles=6", "--config.data.candidate_template={sentence}",
+                     # the read stage too (it changes no run file or dev metric)
+                     "--config.read.k=2", "--config.read.checkpoint=random", "--config.read.dtype=float32",
+                     "--config.read.param_dtype=float32", "--config.read.max_new_tokens=3")
     assert xquad.returncode == 0, xquad.stderr[-3000:]
+    assert_read_metrics_score_the_answers(tmp_path / "xquad", shared_data)
     files = run_tiny(tmp_path / "files", *common, "--config.task=files", f"--config.data.corpus={beir}/corpus.jsonl",
                      f"--config.data.queries={beir}/queries.jsonl", f"--config.data.qrels={beir}/qrels/dev.tsv",
                      f"--config.data.measures={XQUAD_MEASURES}")

@@ -126,3 +126,13 @@ def test_missing_mgen_directory_is_one_line_before_any_model(tmp_path):
         main.validate(cfg)
     cfg.read.k = 0  # no read stage: the reader's checkpoint is not looked at
     main.validate(cfg)
+
+
+def test_xquad_r_answer_texts_come_from_the_official_files(shared_data, monkeypatch):
+    from umr_jax.data.xquad_r import answer_texts
+
+    gold = answer_texts(str(shared_data / "xquad-r"), ["de", "zh"])
+    assert len(gold) == 2 * 1190
+    assert gold["de:56beb4343aeaaa14008c925b"] == "308"  # "Wie viele Punkte gab die Verteidigung der Panthers ab?"
+    monkeypatch.delenv("UMR_XQUAD_R_DIR", raising=False)
+    assert answer_texts(None, ["de"]) is None  # no local copy named: the read stage writes unscored answers

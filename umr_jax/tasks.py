@@ -163,7 +163,7 @@ def article_of(candidate_id: str) -> int:
 
 
 def xquad_r_task(cfg: ml_collections.ConfigDict) -> Task:
-    from umr_jax.data.xquad_r import candidate_passages, load_xquad_r, per_query_metrics
+    from umr_jax.data.xquad_r import answer_texts, candidate_passages, load_xquad_r, per_query_metrics
 
     data = load_xquad_r(data_dir=cfg.data_dir or None, local_dir=cfg.local_dir or None)
     langs = _check_languages(cfg.languages, {q.lang for q in data.questions}, "XQuAD-R")
@@ -192,6 +192,8 @@ def xquad_r_task(cfg: ml_collections.ConfigDict) -> Task:
     train = _sample(train, cfg.max_train_queries, cfg.split_seed, 1)
 
     judged = {q.id: q for q in dev}
+    # The answer spans (for the read stage) come from the official files, when a local copy is named.
+    gold = answer_texts(cfg.local_dir or None, {q.lang for q in dev})
 
     def score_queries(rankings: Sequence[run_files.Ranking], queries: Sequence[Query]) -> PerQuery:
         return per_query_metrics(rankings, [judged[q.id] for q in queries],
@@ -200,7 +202,8 @@ def xquad_r_task(cfg: ml_collections.ConfigDict) -> Task:
     return Task("xquad_r", train, [Query(q.id, q.question, q.lang) for q in dev], score_queries,
                 passages=candidate_passages(pool, cfg.candidate_template),
                 teacher_passages=candidate_passages(pool, cfg.teacher_template) if cfg.teacher_template else None,
-                query_group=lambda query_id: query_id.split(":", 1)[1])
+                query_group=lambda query_id: query_id.split(":", 1)[1],
+                answers=None if gold is None else {q.id: (gold[q.id],) for q in dev})
 
 
 # ----------------------------------------------------------------------------- XOR-TyDi

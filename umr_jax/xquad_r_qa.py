@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 from umr_jax import atomic, cli, evaluate, reader, report, results, run_files, sharding, storage, tasks
 from umr_jax.answer_metrics import squad_f1_em
-from umr_jax.data.xquad_r import XquadRQuestion, load_xquad_r
+from umr_jax.data.xquad_r import XquadRQuestion, answer_texts, load_xquad_r
 
 MEASURES = ("f1", "em")
 
@@ -48,20 +48,6 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.context = "sentence"  # what a retrieved candidate shows the reader: 'sentence' or 'paragraph'
     cfg.resamples = 10_000
     return cfg
-
-
-def gold_answers(local_dir: str, langs: Sequence[str]) -> dict[str, str]:
-    """'lang:question id' -> XQuAD's answer text in that language, from the official files."""
-    out = {}
-    for lang in langs:
-        path = os.path.join(local_dir, f"{lang}.json")
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        for article in data["data"]:
-            for paragraph in article["paragraphs"]:
-                for qa in paragraph["qas"]:
-                    out[f"{lang}:{qa['id']}"] = qa["answers"][0]["text"]
-    return out
 
 
 def choose_questions(questions: Sequence[XquadRQuestion], articles: set[int], per_language: int,
@@ -94,11 +80,11 @@ class QaEval:
         chosen = choose_questions(data.questions, dev if cfg.split == "dev" else train,
                                   int(cfg.questions_per_language), int(cfg.sample_seed))
         self.questions = [q for q in chosen if not data_cfg.languages or q.lang in data_cfg.languages]
-        local_dir = data_cfg.local_dir or os.environ.get("UMR_XQUAD_R_DIR", "")
-        if not local_dir:
+        gold = answer_texts(data_cfg.local_dir or None, {q.lang for q in self.questions})
+        if gold is None:
             raise ValueError("the answers are read from the official XQuAD-R files: the run's data.local_dir "
                              "or $UMR_XQUAD_R_DIR must name their directory")
-        self.gold = gold_answers(local_dir, sorted({q.lang for q in self.questions}))
+        self.gold = gold
 
     def contexts(self, condition: str) -> list[list[reader.Context]]:
         """Per question: the oracle sentence, or the top k of round r's dev ranking."""

@@ -103,6 +103,7 @@ class LanguageFile:
     lang: str
     candidates: list[XquadRCandidate]
     questions: dict[str, tuple[str, str]]  # qid -> (question text, answer candidate id), file order
+    answers: dict[str, str] = dataclasses.field(default_factory=dict)  # qid -> the answer text
 
 
 def official_file(lang: str) -> sources.OfficialFile:
@@ -150,6 +151,7 @@ def read_language_file(path: str | os.PathLike[str], *, lang: str, name: str) ->
         raise ValueError(f"{name}: malformed JSON ({err.msg} at line {err.lineno} column {err.colno})") from err
     candidates: list[XquadRCandidate] = []
     questions: dict[str, tuple[str, str]] = {}
+    answer_texts: dict[str, str] = {}
     for a, article in enumerate(_get(root, "data", list, name)):
         for p, paragraph in enumerate(_get(article, "paragraphs", list, f"{name} data[{a}]")):
             where = f"{name} data[{a}].paragraphs[{p}]"
@@ -180,9 +182,10 @@ def read_language_file(path: str | os.PathLike[str], *, lang: str, name: str) ->
                 if qid in questions:
                     raise ValueError(f"{qa_where}: duplicate question id {qid}")
                 questions[qid] = (question, ids[s])
+                answer_texts[qid] = text
     if not questions:
         raise ValueError(f"{name}: no questions")
-    return LanguageFile(lang=lang, candidates=candidates, questions=questions)
+    return LanguageFile(lang=lang, candidates=candidates, questions=questions, answers=answer_texts)
 
 
 def link_questions(files: Mapping[str, LanguageFile]) -> list[XquadRQuestion]:
@@ -267,6 +270,23 @@ def load_xquad_r(
         questions=[XquadRQuestion(**{**r, "relevant": tuple(r["relevant"])}) for r in rows["questions"]],
         candidates=[XquadRCandidate(**r) for r in rows["candidates"]],
     )
+
+
+def answer_texts(local_dir: str | os.PathLike[str] | None, langs: Iterable[str]) -> dict[str, str] | None:
+    """'lang:question id' -> XQuAD's answer text in that language, read from the official files in
+    `local_dir` (else $UMR_XQUAD_R_DIR); None when no local copy is named (the prepared TFDS data keeps
+    questions and sentences, not answer spans)."""
+    directory = sources.local_directory(local_dir, "UMR_XQUAD_R_DIR")
+    if directory is None:
+        return None
+    out = {}
+    for lang in sorted(set(langs)):
+        path = directory / f"{lang}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the official XQuAD-R file for {lang!r} is not in {directory}")
+        parsed = read_language_file(path, lang=lang, name=path.name)
+        out.update({f"{lang}:{qid}": text for qid, text in parsed.answers.items()})
+    return out
 
 
 # ----------------------------------------------------------------------------- the benchmark as a task

@@ -401,6 +401,39 @@ def test_real_gemma_270m_matches_transformers_gguf(real_gguf, torch_gguf, record
     assert ours[valid].mean() > -5.0
 
 
+READER_PROMPTS = [
+    "Nairobi is the capital and largest city of Kenya.\n\nQuestion: What is the capital of Kenya?\nAnswer:",
+    "Die Zugspitze ist mit 2962 m der höchste Berg Deutschlands.\n\nQuestion: Wie hoch ist die Zugspitze?\nAnswer:",
+    "東京は日本の首都である。\n\nQuestion: 日本の首都はどこですか？\nAnswer:",
+    "La Tour Eiffel a été construite en 1889.\n\nQuestion: Quand la Tour Eiffel a-t-elle été construite?\nAnswer:",
+]
+
+
+@pytest.mark.slow
+def test_real_gemma_270m_generates_as_transformers(real_gguf, torch_gguf):
+    """Greedy and beam search on the real weights, reader-style prompts of different lengths, token for token
+    (umr_jax.generate against transformers' generate; the helpers are test_generate's)."""
+    from test_generate import hf_generate, until_eos
+
+    from umr_jax import generate as gen
+
+    path, config, weights, tokenizer, _ = real_gguf
+    model = build_gemma(config, random_init=False)
+    load_hf_weights(model, weights, path)
+    encoded = [tokenizer(p)["input_ids"] for p in READER_PROMPTS]
+    ids, mask = gen.right_pad(encoded, max(map(len, encoded)), 0)
+    newline = tokenizer.convert_tokens_to_ids("\n")
+    for beams in (1, 3):
+        settings = gen.SearchSettings(10, eos_ids=(1, newline), pad_id=0, num_beams=beams)
+        expected, expected_scores = hf_generate(torch_gguf, ids, mask, settings, decoder_only=True)
+        got = nnx.jit(gen.generate, static_argnums=3)(model, jnp.asarray(ids), jnp.asarray(mask), settings)
+        assert until_eos(got.tokens, settings.eos_ids) == expected, beams
+        if expected_scores is not None:
+            np.testing.assert_allclose(np.asarray(got.scores), expected_scores, atol=1e-3)
+        if beams == 1:  # a language model reading its context: the greedy answer names the city
+            assert "Nairobi" in tokenizer.decode(expected[0])
+
+
 @pytest.mark.slow
 def test_gguf_assembled_and_tokenizer_built_once_into_the_cache(tmp_path, monkeypatch, record_property):
     monkeypatch.setenv("UMR_CACHE_DIR", str(tmp_path / "cache"))

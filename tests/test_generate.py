@@ -9,7 +9,7 @@ import pytest
 import torch
 from flax import nnx
 from test_gemma import ours_from_torch as gemma_from_torch
-from test_gemma import padded_batch, real_gguf, tiny_torch_gemma, torch_gguf  # noqa: F401 (fixtures)
+from test_gemma import padded_batch, tiny_torch_gemma
 from test_t5 import batch as t5_batch
 from test_t5 import ours_from_torch as t5_from_torch
 from test_t5 import tiny_torch_mt5
@@ -93,7 +93,7 @@ def gemma():
 
 
 @pytest.mark.parametrize("beams,penalty,early", [(1, 1.0, False), (3, 1.0, False), (3, 0.0, "never"),
-                                                 (4, 2.0, True), (2, -1.0, False)])
+                                                 (4, 2.0, True)])
 def test_gemma_matches_transformers_generate(gemma, beams, penalty, early):
     ref, ours, ids, mask, eos = gemma
     settings = gen.SearchSettings(NEW_TOKENS, eos_ids=eos, pad_id=0, num_beams=beams, length_penalty=penalty,
@@ -187,36 +187,3 @@ def test_jit_compiles_once_per_shape(gemma):
     fn(state, jnp.asarray(ids), jnp.asarray(mask))
     fn(state, jnp.asarray(ids[::-1].copy()), jnp.asarray(mask[::-1].copy()))
     assert fn._cache_size() == 1
-
-
-# ---------------------------------------------------------------- the real Gemma-3-270M
-
-
-READER_PROMPTS = [
-    "Nairobi is the capital and largest city of Kenya.\n\nQuestion: What is the capital of Kenya?\nAnswer:",
-    "Die Zugspitze ist mit 2962 m der höchste Berg Deutschlands.\n\nQuestion: Wie hoch ist die Zugspitze?\nAnswer:",
-    "東京は日本の首都である。\n\nQuestion: 日本の首都はどこですか？\nAnswer:",
-    "La Tour Eiffel a été construite en 1889.\n\nQuestion: Quand la Tour Eiffel a-t-elle été construite?\nAnswer:",
-]
-
-
-@pytest.mark.slow
-def test_real_gemma_270m_generates_as_transformers(real_gguf, torch_gguf):  # noqa: F811 (fixtures)
-    """Greedy and beam search on the real weights, reader-style prompts of different lengths, token for token."""
-    from umr_jax.models.gemma_weights import build_gemma, load_hf_weights
-
-    path, config, weights, tokenizer, _ = real_gguf
-    model = build_gemma(config, random_init=False)
-    load_hf_weights(model, weights, path)
-    encoded = [tokenizer(p)["input_ids"] for p in READER_PROMPTS]
-    ids, mask = gen.right_pad(encoded, max(map(len, encoded)), 0)
-    newline = tokenizer.convert_tokens_to_ids("\n")
-    for beams in (1, 3):
-        settings = gen.SearchSettings(10, eos_ids=(1, newline), pad_id=0, num_beams=beams)
-        expected, expected_scores = hf_generate(torch_gguf, ids, mask, settings, decoder_only=True)
-        got = _generate(model, jnp.asarray(ids), jnp.asarray(mask), settings)
-        assert until_eos(got.tokens, settings.eos_ids) == expected, beams
-        if expected_scores is not None:
-            np.testing.assert_allclose(np.asarray(got.scores), expected_scores, atol=1e-3)
-        if beams == 1:  # a language model reading its context: the greedy answer names the city
-            assert "Nairobi" in tokenizer.decode(expected[0])

@@ -34,7 +34,7 @@ from umr_jax import atomic, cli, evaluate, reader, report, results, run_files, s
 from umr_jax.answer_metrics import squad_f1_em
 from umr_jax.data.xquad_r import XquadRQuestion, answer_texts, load_xquad_r
 
-MEASURES = ("f1", "em")
+MEASURES = ("f1", "em", "own_sentence", "any_sentence")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -89,6 +89,11 @@ class QaEval:
     def contexts(self, condition: str) -> list[list[reader.Context]]:
         """Per question: the oracle sentence, or the top k of round r's dev ranking."""
         field = "sentence" if self.cfg.context == "sentence" else "context"
+        return [[reader.Context("", getattr(self.candidates[p], field)) for p in row]
+                for row in self.context_ids(condition)]
+
+    def context_ids(self, condition: str) -> list[list[str]]:
+        """Candidate ids per question: the answer sentence in the question's language, or round r's top k."""
         if condition == "oracle":
             ids = [[next(r for r in q.relevant if r.startswith(f"{q.lang}:"))] for q in self.questions]
         else:
@@ -99,7 +104,7 @@ class QaEval:
                 raise ValueError(f"{path}: no ranking for {len(missing)} questions (e.g. {missing[0]}); "
                                  "is this the run's dev split?")
             ids = [by_id[q.id].passage_ids[: int(self.cfg.read.k)] for q in self.questions]
-        return [[reader.Context("", getattr(self.candidates[p], field)) for p in row] for row in ids]
+        return ids
 
     def answers(self, condition: str, model: reader.Reader | None) -> list[str]:
         """Answers in committed chunks under output/condition/ (a killed run resumes at the next chunk)."""
@@ -126,11 +131,15 @@ class QaEval:
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         return answers
 
-    def scores(self, answers: Sequence[str]) -> dict[str, dict[str, float]]:
+    def scores(self, condition: str, answers: Sequence[str]) -> dict[str, dict[str, float]]:
+        """F1 and EM per question, and what its context held: the answer sentence in the question's own
+        language (`own_sentence`) or in any language (`any_sentence`, the retrieval metrics' relevance)."""
         out = {}
-        for q, a in zip(self.questions, answers, strict=True):
+        for q, a, ids in zip(self.questions, answers, self.context_ids(condition), strict=True):
             f1, em = squad_f1_em(a, [self.gold[q.id]], q.lang)
-            out[q.id] = {"f1": float(f1), "em": float(em)}
+            own = next(r for r in q.relevant if r.startswith(f"{q.lang}:"))
+            out[q.id] = {"f1": float(f1), "em": float(em), "own_sentence": float(own in ids),
+                         "any_sentence": float(bool(set(ids) & set(q.relevant)))}
         return out
 
 
@@ -161,7 +170,7 @@ def run(cfg: ml_collections.ConfigDict, run_dir: str, output: str, rounds: Seque
                    for c in range(-(-len(qa.questions) // int(cfg.read.chunk))))
         if model is None and not done:
             model = reader.Reader.from_config(cfg.read, mesh)
-        per_query[condition] = qa.scores(qa.answers(condition, model))
+        per_query[condition] = qa.scores(condition, qa.answers(condition, model))
     langs = {q.id: q.lang for q in qa.questions}
     tables = {c: evaluate.by_language(per_query[c], langs) for c in conditions}
     pairs = [(f"round-{rounds[-1]}", f"round-{rounds[0]}")] if len(rounds) > 1 and cfg.split == "dev" else []

@@ -177,7 +177,8 @@ def run(cfg: ml_collections.ConfigDict, run_dir: str, output: str, rounds: Seque
     pairs += [("oracle", c) for c in conditions if c != "oracle"]
     summary = {"questions": len(qa.questions), "split": cfg.split, "read": cfg.read.to_dict(),
                "context": cfg.context, "tables": tables,
-               "differences": comparison(per_query, langs, pairs, int(cfg.resamples))}
+               "differences": comparison(per_query, langs, pairs, int(cfg.resamples)), "per_query": per_query,
+               "languages": langs}
     atomic.write_json(os.path.join(output, "summary.json"), summary)
     for condition, table in tables.items():
         logging.info("%s:\n%s", condition, report.format_table(table))
@@ -187,18 +188,48 @@ def run(cfg: ml_collections.ConfigDict, run_dir: str, output: str, rounds: Seque
     return summary
 
 
+def combine_seeds(outputs: Sequence[str], resamples: int) -> dict:
+    """Seed means of evaluations that differ only in the run's seed: each condition's per-question
+    scores averaged over the seeds, then the same paired comparisons as one evaluation makes."""
+    summaries = [atomic.read_json(os.path.join(o, "summary.json")) for o in outputs]
+    conditions = list(summaries[0]["per_query"])
+    langs = summaries[0]["languages"]
+    for o, s in zip(outputs, summaries, strict=True):
+        if list(s["per_query"]) != conditions or s["languages"] != langs or s["read"] != summaries[0]["read"]:
+            raise ValueError(f"{o}: other conditions, questions or reader settings than {outputs[0]}")
+    mean = {c: {q: {m: float(np.mean([s["per_query"][c][q][m] for s in summaries])) for m in MEASURES}
+                for q in langs} for c in conditions}
+    rounds = [c for c in conditions if c != "oracle"]
+    pairs = [(rounds[-1], rounds[0])] if len(rounds) > 1 else []
+    pairs += [("oracle", c) for c in rounds]
+    out = {"seeds": list(outputs), "tables": {c: evaluate.by_language(mean[c], langs) for c in conditions},
+           "differences": comparison(mean, langs, pairs, resamples),
+           "per_seed": [{c: s["tables"][c]["avg"] for c in conditions} for s in summaries]}
+    for row in out["differences"]:
+        logging.info("seed mean %s - %s %s: %+.4f [%+.4f, %+.4f]", row["after"], row["before"], row["measure"],
+                     row["mean"], row["low"], row["high"])
+    return out
+
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    if f.combine:
+        atomic.write_json(os.path.join(f.output, "seeds.json"), combine_seeds(f.combine, int(f.config.resamples)))
+        return
+    if not f.run:
+        raise app.UsageError("--run is required (or --combine)")
     run(f.config, f.run, f.output, [int(r) for r in f.rounds])
 
 
 def define_flags() -> None:
     """Flags exist only when this module is the program (importing it defines none)."""
     config_flags.DEFINE_config_dict("config", default_config(), "reader and sampling settings")
-    flags.DEFINE_string("run", None, "workdir of a finished xquad_r run", required=True)
+    flags.DEFINE_string("run", None, "workdir of a finished xquad_r run")
     flags.DEFINE_string("output", None, "where answers and summary.json go (resumable)", required=True)
+    flags.DEFINE_list("combine", [], "instead of reading: --output's of evaluations of runs that differ only in "
+                      "their seed; writes their seed means and intervals to --output/seeds.json")
     flags.DEFINE_list("rounds", ["0", "2"], "rounds whose dev rankings the reader reads; the first is the "
                       "baseline of the paired comparison, the last the trained retriever")
 

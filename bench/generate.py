@@ -158,6 +158,7 @@ def main(argv):
 
     from umr_jax import generate as gen
     from umr_jax import sharding
+    from umr_jax.batching import pad_rows
     from umr_jax.models import gemma_weights
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -205,7 +206,7 @@ def main(argv):
 
     ours_inputs = []
     for batch in batches:
-        ids, mask = gen.right_pad([x for _, x in batch], width, int(config.pad_token_id))
+        ids, mask = pad_rows([x for _, x in batch], len(batch), width, int(config.pad_token_id))
         ours_inputs.append((ids, mask))
     hf_inputs = []
     for batch in batches:

@@ -416,12 +416,13 @@ def test_real_gemma_270m_generates_as_transformers(real_gguf, torch_gguf):
     from test_generate import hf_generate, until_eos
 
     from umr_jax import generate as gen
+    from umr_jax.batching import pad_rows
 
     path, config, weights, tokenizer, _ = real_gguf
     model = build_gemma(config, random_init=False)
     load_hf_weights(model, weights, path)
     encoded = [tokenizer(p)["input_ids"] for p in READER_PROMPTS]
-    ids, mask = gen.right_pad(encoded, max(map(len, encoded)), 0)
+    ids, mask = pad_rows(encoded, len(encoded), max(map(len, encoded)), 0)
     newline = tokenizer.convert_tokens_to_ids("\n")
     for beams in (1, 3):
         settings = gen.SearchSettings(10, eos_ids=(1, newline), pad_id=0, num_beams=beams)

@@ -11,6 +11,7 @@ from flax import nnx
 
 from helpers import run_kill_chain, run_tiny
 from umr_jax import generate, reader, sharding
+from umr_jax.batching import pad_rows
 from umr_jax.models import gemma_weights
 from umr_jax.models.gemma import Gemma3Config
 
@@ -83,7 +84,7 @@ def test_answers_do_not_depend_on_batch_company(tiny_reader):
     alone = [tiny_reader.answer([q], ["en"], [c], progress=False)[0] for q, c in zip(questions, contexts, strict=True)]
     assert together == alone
     # The same as one direct generate call on that question, decoded.
-    ids, mask = generate.right_pad([tiny_reader.input_ids(questions[3], "en", contexts[3])], 48, 0)
+    ids, mask = pad_rows([tiny_reader.input_ids(questions[3], "en", contexts[3])], 1, 48, 0)
     out = nnx.jit(generate.generate, static_argnums=3)(tiny_reader.model, jnp.asarray(ids), jnp.asarray(mask),
                                                        tiny_reader.settings)
     tokens = np.asarray(out.tokens)[0, :int(out.lengths[0])]

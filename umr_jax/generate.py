@@ -27,7 +27,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from umr_jax.models.gemma import Gemma3
@@ -292,15 +291,3 @@ def settings_for(model: nnx.Module, max_new_tokens: int, **kwargs: Any) -> Searc
     eos = cfg.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, Sequence) else (int(eos),)
     return SearchSettings(max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=int(cfg.pad_token_id), **kwargs)
-
-
-def right_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask) int32 arrays of `length` columns for token lists no longer than it."""
-    ids = np.full((len(sequences), length), pad_id, np.int32)
-    mask = np.zeros((len(sequences), length), np.int32)
-    for row, seq in enumerate(sequences):
-        if len(seq) > length:
-            raise ValueError(f"row {row} has {len(seq)} tokens, more than the {length} columns")
-        ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-    return ids, mask

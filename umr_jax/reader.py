@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from umr_jax import generate, sharding, teacher
-from umr_jax.batching import dispatch_ahead
+from umr_jax.batching import dispatch_ahead, pad_rows
 from umr_jax.data.languages import language_name
 
 INPUT_FORMATS = ("mgen", "prompt")
@@ -216,8 +216,7 @@ class Reader:
         def arrays(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             longest = max(len(inputs[i]) for i in members)
             width = -(-longest // multiple) * multiple
-            seqs = [inputs[i] for i in members] + [[self.pad_id]] * (rows - len(members))  # dummy rows
-            return generate.right_pad(seqs, width, self.pad_id)
+            return pad_rows([inputs[i] for i in members], rows, width, self.pad_id)  # filler rows past them
 
         def collect(members: np.ndarray, out: generate.Generated) -> None:
             tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)

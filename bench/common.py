@@ -58,6 +58,57 @@ def jax_matmul_peak(mesh, dtype: str = "float32") -> tuple[float, float]:
     return single, parallel
 
 
+def model_flops(token_lengths, hidden: int, ffn: int, layers: int) -> float:
+    """BERT forward FLOPs on real (unpadded) tokens: projections, FFN and attention (each text alone)."""
+    total = 0.0
+    for n in token_lengths:
+        per_layer = 2 * n * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * n * n * hidden
+        total += layers * per_layer
+    return total
+
+
+def machine(dtype: str | None = None) -> str:
+    """CPU model, cores, bf16 units and the compute dtype: every figure must name the machine kind it came from
+    (a Xeon with bf16 units runs `dtype='auto'` in bfloat16; an AVX2-only EPYC runs it in float32)."""
+    model, cpu_flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown CPU":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not cpu_flags:
+                    cpu_flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    units = [f for f in ("amx_bf16", "avx512_bf16") if f in cpu_flags]
+    widest = next((f for f in ("avx512f", "avx2") if f in cpu_flags), "no AVX2")
+    kind = f"bf16 units: {'yes (' + ', '.join(units) + ')' if units else 'no'}; widest vectors {widest}"
+    return f"{model}, {os.cpu_count()} cores; {kind}" + (f"; dtype {dtype}" if dtype else "")
+
+
+class ForeignLoad:
+    """How many cores other processes kept busy while we ran: the machine's busy time (/proc/stat) minus
+    ours (os.times), over the wall time. The machine is shared; a figure well above 0 means noisy timings."""
+
+    def __init__(self):
+        self.start = self._now()
+
+    @staticmethod
+    def _now() -> tuple[float, float, float]:
+        try:
+            with open("/proc/stat", encoding="utf-8") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+            busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+        except (OSError, ValueError, IndexError):
+            busy = float("nan")
+        t = os.times()
+        return time.perf_counter(), busy, t.user + t.system
+
+    def cores(self) -> float:
+        wall, busy, ours = (b - a for a, b in zip(self.start, self._now(), strict=True))
+        return max(0.0, (busy - ours) / wall)
+
+
 def xquad_r_paragraphs(data_dir: str | pathlib.Path) -> list[tuple[str, dict]]:
     """(language, SQuAD-style paragraph with 'sentences' and 'qas') over all 11 languages."""
     out = []

@@ -22,7 +22,14 @@ import time
 
 from absl import app, flags
 
-from common import DEFAULT_DATA_DIR, best_time, jax_matmul_peak, xquad_r_paragraphs  # sets XLA_FLAGS first
+from common import (  # sets XLA_FLAGS first
+    DEFAULT_DATA_DIR,
+    best_time,
+    jax_matmul_peak,
+    machine,
+    model_flops,
+    xquad_r_paragraphs,
+)
 
 _NUM = flags.DEFINE_integer("num_passages", 2000, "How many candidate sentences to encode.")
 _MAX_LEN = flags.DEFINE_integer("max_length", 128, "Max tokens per passage.")
@@ -42,15 +49,6 @@ def candidate_sentences(data_dir: pathlib.Path, n: int) -> list[str]:
     pool = [sentence for _, para in xquad_r_paragraphs(data_dir) for sentence in para["sentences"]]
     step = max(1, len(pool) // n)
     return pool[::step][:n]
-
-
-def model_flops(token_lengths, hidden: int, ffn: int, layers: int) -> float:
-    """Forward FLOPs on real (unpadded) tokens: projections, FFN and attention."""
-    total = 0.0
-    for n in token_lengths:
-        per_layer = 2 * n * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * n * n * hidden
-        total += layers * per_layer
-    return total
 
 
 def main(argv):
@@ -79,6 +77,8 @@ def main(argv):
           f"max {max(lengths)}; {os.cpu_count()} CPU cores, JAX mesh {dict(mesh.shape)}; "
           f"jax {jax.__version__}, torch {torch.__version__} with {torch.get_num_threads()} threads; "
           f"ours in {retriever.tower('passage').dtype}")
+    ours_dtype = np.dtype(retriever.tower("passage").dtype).name
+    print(f"machine: {machine(f'ours {ours_dtype} (--dtype={_DTYPE.value}), pytorch float32')}", flush=True)
 
     # --- ours ---
     def ours():
@@ -136,7 +136,6 @@ def main(argv):
         t_bf16 = best_time(lambda: torch_encode(best_bs, True), 1)
     max_diff = float(np.abs(ref_emb - ours_emb).max())
 
-    ours_dtype = np.dtype(retriever.tower("passage").dtype).name
     peak_single, peak_parallel = jax_matmul_peak(mesh, ours_dtype)
     peak = max(peak_single, peak_parallel)
     flops = model_flops(lengths, hf_cfg.hidden_size, hf_cfg.intermediate_size, hf_cfg.num_hidden_layers)

@@ -40,7 +40,7 @@ import time
 
 from absl import app, flags
 
-from common import DEFAULT_DATA_DIR, best_time, xquad_r_paragraphs  # sets XLA_FLAGS first
+from common import DEFAULT_DATA_DIR, ForeignLoad, best_time, machine, xquad_r_paragraphs  # sets XLA_FLAGS first
 
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Prompts per generate call (both sides).")
 _NEW = flags.DEFINE_integer("max_new_tokens", 32, "New tokens per row; both sides generate exactly this many.")
@@ -61,45 +61,6 @@ _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time both at max_new_to
                                "split the time into prefill and per-step decode (one more compilation).")
 
 PROMPT = "Answer the question using the passage.\n\nPassage: {passage}\n\nQuestion: {question}\n\nAnswer:"
-
-
-def machine() -> str:
-    """CPU model, core count and bf16 flags from /proc/cpuinfo."""
-    model, cpu_flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not cpu_flags:
-                    cpu_flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    bf16 = ", ".join(f"{f} {'yes' if f in cpu_flags else 'no'}" for f in ("avx512_bf16", "amx_bf16", "amx_tile"))
-    return f"{model}, {os.cpu_count()} cores; {bf16}"
-
-
-class ForeignLoad:
-    """How many cores other processes kept busy while we ran: the machine's busy time (/proc/stat) minus
-    ours (os.times), over the wall time. The machine is shared; a figure well above 0 means noisy timings."""
-
-    def __init__(self):
-        self.start = self._now()
-
-    @staticmethod
-    def _now() -> tuple[float, float, float]:
-        try:
-            with open("/proc/stat", encoding="utf-8") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-            busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
-        except (OSError, ValueError, IndexError):
-            busy = float("nan")
-        t = os.times()
-        return time.perf_counter(), busy, t.user + t.system
-
-    def cores(self) -> float:
-        wall, busy, ours = (b - a for a, b in zip(self.start, self._now(), strict=True))
-        return max(0.0, (busy - ours) / wall)
 
 
 def reader_prompts(tokenizer, data_dir: str, n: int, min_tokens: int, max_tokens: int,
@@ -163,7 +124,7 @@ def main(argv):
 
     torch.set_num_threads(os.cpu_count() or 1)
     batch_size, new_tokens, beams = _BATCH.value, _NEW.value, _BEAMS.value
-    print(f"machine: {machine()}; dtype float32 on both sides", flush=True)
+    print(f"machine: {machine('float32 on both sides')}", flush=True)
     print(f"jax {jax.__version__} ({jax.device_count()} CPU devices, XLA_FLAGS {os.environ.get('XLA_FLAGS')}); "
           f"torch {torch.__version__} with {torch.get_num_threads()} threads; transformers "
           f"{transformers.__version__}", flush=True)

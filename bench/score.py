@@ -42,7 +42,7 @@ import time
 
 from absl import app, flags
 
-from common import DEFAULT_DATA_DIR, best_time, jax_matmul_peak, xquad_r_paragraphs  # sets XLA_FLAGS first
+from common import DEFAULT_DATA_DIR, best_time, jax_matmul_peak, machine, xquad_r_paragraphs  # sets XLA_FLAGS first
 
 _NUM = flags.DEFINE_integer("num_pairs", 512, "How many (query, candidate) pairs to score.")
 _DATA = flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "Directory holding xquad-r/.")
@@ -290,6 +290,8 @@ def main(argv):
           f"torch {torch.__version__} with {torch.get_num_threads()} threads, transformers "
           f"{transformers.__version__}; float32 matmul peak {peak_single / 1e9:.1f} GFLOP/s on one device, "
           f"{peak_parallel / 1e9:.1f} over the mesh", flush=True)
+    print(f"machine: {machine('auto = ' + resolve_auto_dtype('auto') + '; ours timed in float32 and in auto')}",
+          flush=True)
 
     # --- Gemma-3-270M, real weights ---
     cfg = teacher.default_config()

@@ -23,7 +23,13 @@ Contenders (all told to use every core):
   * ours exact: `umr_jax.index.ExactIndex`, corpus rows sharded over one JAX CPU
     device per core, per-device top-k then a global merge;
   * FAISS: IndexFlatIP, IndexIVFFlat (inner product; nlist and nprobe swept),
-    IndexHNSWFlat (inner product; efSearch swept);
+    IndexHNSWFlat (inner product; efSearch swept), and FAISS's counterpart of
+    ScaNN's recipe: IVF-PQ fast-scan with exact refinement,
+    `index_factory(d, 'IVF{nlist},PQ{m}x4fs,RFlat', METRIC_INNER_PRODUCT)`
+    ('faiss ivfpq-fs': 4-bit PQ codes scanned with in-register SIMD lookup
+    tables, then the best k_factor * k candidates rescored exactly against the
+    float32 vectors that RFlat keeps, as ScaNN keeps its reorder dataset; m
+    sub-quantizers, nprobe and k_factor swept; optionally behind an OPQ rotation);
   * ScaNN via `umr_jax.index.ScannIndex`: tree + anisotropic hashing (AH) +
     exact reordering, spherical partitioning at ~sqrt(n) and ~2 sqrt(n) leaves
     plus one non-spherical tree; one build serves the whole leaves_to_search x
@@ -35,9 +41,10 @@ Timing: each setting gets a warm-up call on a query subset, then the best of
 `--min_time` for those calls get a few more calls. Sweeps stop making a knob
 costlier once recall reaches `--stop_recall`. Index memory: ScaNN's
 serialized directory, `faiss.serialize_index(...).nbytes`, and the float32
-matrix for the exact searches. The last line is the headline: the best ScaNN
-q/s at recall@100 >= 0.95 over the best FAISS q/s at recall@100 >= 0.95, at the
-largest size run.
+matrix for the exact searches; both ScaNN's and the IVF-PQ fast-scan figure
+include a full float32 copy of the corpus for the exact rescoring. The last
+line is the headline: the best ScaNN q/s at recall@100 >= 0.95 over the best
+FAISS q/s (any FAISS index) at recall@100 >= 0.95, at the largest size run.
 """
 
 from __future__ import annotations
@@ -108,9 +115,29 @@ _HNSW_M = flags.DEFINE_integer("hnsw_m", 32, "FAISS HNSW graph degree M.")
 _HNSW_EFC = flags.DEFINE_integer("hnsw_ef_construction", 40, "FAISS HNSW efConstruction.")
 _HNSW_EFS = flags.DEFINE_list("hnsw_ef_search", ["100", "200", "400", "800"],
                               "FAISS HNSW efSearch values (FAISS searches with max(efSearch, k)).")
+_PQ_LISTS = flags.DEFINE_list("ivfpq_list_factors", ["1"],
+                               "FAISS IVF-PQ fast-scan nlist = round(factor * sqrt(n)).")
+_PQ_M = flags.DEFINE_list("ivfpq_m", ["96", "192"],
+                          "FAISS IVF-PQ fast-scan sub-quantizers of 4 bits (dim / m dims each).")
+_PQ_FRACS = flags.DEFINE_list("ivfpq_probe_fracs", ["0.01", "0.015", "0.02", "0.03", "0.05", "0.08"],
+                              "FAISS IVF-PQ fast-scan nprobe as fractions of nlist.")
+_PQ_KF = flags.DEFINE_list("ivfpq_k_factors", ["2", "3", "5", "10", "20"],
+                           "FAISS IVF-PQ fast-scan refine k_factor: k_factor * k PQ candidates rescored exactly "
+                           "(ScaNN's reorder / k).")
+_PQ_TRAIN = flags.DEFINE_integer("ivfpq_train", 200_000,
+                                 "FAISS IVF-PQ fast-scan training sample (coarse k-means and PQ; at most n). "
+                                 "ScaNN trains on min(n, 250,000).")
+_PQ_OPQ = flags.DEFINE_bool("ivfpq_opq", False,
+                            "Also IVF-PQ fast-scan indexes behind an OPQ{m} rotation. Off by default: at 100k it "
+                            "left recall unchanged on this isotropic-noise mixture and took 680-950s to build "
+                            "instead of 7-26s.")
 _STOP = flags.DEFINE_float("stop_recall", 0.995,
-                           "A sweep stops making one knob costlier (nprobe, efSearch, ScaNN reorder at fixed leaves) "
-                           "once a setting reaches this recall: the costlier ones cannot be faster at the target.")
+                           "A sweep stops making one knob costlier (nprobe, efSearch, ScaNN reorder at fixed leaves, "
+                           "IVF-PQ k_factor at fixed nprobe) once a setting reaches this recall: the costlier ones "
+                           "cannot be faster at the target.")
+_FAISS_ALL = ["flat", "ivf", "hnsw", "ivfpq-fs"]
+_FAISS_KINDS = flags.DEFINE_multi_enum("faiss", _FAISS_ALL, _FAISS_ALL, "FAISS index families to sweep (repeat "
+                                       "the flag for several; the headline takes the best of those run).")
 _JSON = flags.DEFINE_string("json_out", "", "Write every row and the headline numbers here as JSON.")
 
 _MB = 1e6
@@ -122,7 +149,7 @@ class Row:
     """One method x setting at one corpus size."""
 
     size: int
-    method: str  # 'numpy exact', 'ours exact', 'faiss flat', 'faiss ivf', 'faiss hnsw', 'scann'
+    method: str  # 'numpy exact', 'ours exact', 'faiss flat', 'faiss ivf', 'faiss hnsw', 'faiss ivfpq-fs', 'scann'
     index: str  # the built index (what one build covers), e.g. 'nlist=1000'
     setting: str  # the per-search knobs, e.g. 'nprobe=32'
     build_s: float
@@ -260,6 +287,24 @@ def bench_exact(db: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int, 
     return rows
 
 
+def bench_hnsw(db: np.ndarray, run: Callable[..., None]) -> None:
+    """FAISS HNSW over the efSearch sweep (`run` records its rows)."""
+    import faiss
+    m, efc = _HNSW_M.value, _HNSW_EFC.value
+    start = time.perf_counter()
+    hnsw = faiss.IndexHNSWFlat(db.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = efc
+    hnsw.add(db)
+    build = time.perf_counter() - start
+    log(f"  faiss hnsw M={m} efC={efc}: built in {build:.1f}s")
+
+    def set_ef(ef: int, hnsw=hnsw) -> Callable[[], None]:
+        return lambda: setattr(hnsw.hnsw, "efSearch", ef)
+
+    run(hnsw, "faiss hnsw", f"M={m} efC={efc}", build, [(f"efSearch={ef}", set_ef(int(ef))) for ef in _HNSW_EFS.value],
+        {"M": m, "efConstruction": efc})
+
+
 def bench_faiss(db: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int) -> list[Row]:
     import faiss
 
@@ -268,25 +313,29 @@ def bench_faiss(db: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int) 
     rows: list[Row] = []
 
     def run(index, method: str, label: str, build: float, settings: list[tuple[str, Callable[[], None]]],
-            params: dict) -> None:
-        memory = faiss.serialize_index(index).nbytes / _MB
+            params: dict, memory: float | None = None, note: str = "") -> None:
+        """Times `settings` in order, stopping after the first that reaches --stop_recall."""
+        if memory is None:
+            memory = faiss.serialize_index(index).nbytes / _MB
         for setting, apply in settings:
             apply()
             qps, ids = timed_search(lambda q: index.search(q, k)[1], queries, warm, _REPEATS.value)
             rows.append(Row(n, method, label, setting, build, memory, recall_at_k(ids, truth), qps, len(queries),
-                            params=dict(params, setting=setting)))
+                            params=dict(params, setting=setting), note=note))
             log(f"  {method} {label} {setting}: recall {rows[-1].recall:.4f}, {qps:.1f} q/s")
             if rows[-1].recall >= _STOP.value:
                 break
 
-    start = time.perf_counter()
-    flat = faiss.IndexFlatIP(dim)
-    flat.add(db)
-    run(flat, "faiss flat", "IndexFlatIP", time.perf_counter() - start, [("-", lambda: None)], {})
-    del flat
-    gc.collect()
+    kinds = set(_FAISS_KINDS.value)
+    if "flat" in kinds:
+        start = time.perf_counter()
+        flat = faiss.IndexFlatIP(dim)
+        flat.add(db)
+        run(flat, "faiss flat", "IndexFlatIP", time.perf_counter() - start, [("-", lambda: None)], {})
+        del flat
+        gc.collect()
 
-    for factor in (float(f) for f in _IVF_LISTS.value):
+    for factor in (float(f) for f in _IVF_LISTS.value if "ivf" in kinds):
         nlist = max(1, round(factor * math.sqrt(n)))
         train_size = min(n, max(_IVF_TRAIN_MIN.value, _IVF_TRAIN.value * nlist))
         rng = np.random.default_rng([_SEED.value, 3, nlist])
@@ -306,21 +355,48 @@ def bench_faiss(db: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int) 
         del ivf, quantizer
         gc.collect()
 
-    m, efc = _HNSW_M.value, _HNSW_EFC.value
-    start = time.perf_counter()
-    hnsw = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
-    hnsw.hnsw.efConstruction = efc
-    hnsw.add(db)
-    build = time.perf_counter() - start
-    log(f"  faiss hnsw M={m} efC={efc}: built in {build:.1f}s")
+    if "hnsw" in kinds:
+        bench_hnsw(db, run)
 
-    def set_ef(ef: int, hnsw=hnsw) -> Callable[[], None]:
-        return lambda: setattr(hnsw.hnsw, "efSearch", ef)
+    # IVF-PQ fast-scan + exact refine, FAISS's version of ScaNN's AH scan + reorder. One build per
+    # (nlist, m, OPQ) serves the nprobe x k_factor grid; ParameterSpace reaches through the refine
+    # wrapper (and the OPQ transform) for nprobe, and names the refine's k_factor 'k_factor_rf'.
+    space = faiss.ParameterSpace()
+    train_size = min(n, _PQ_TRAIN.value)
+    k_factors = [int(f) for f in _PQ_KF.value]
+    for factor in (float(f) for f in _PQ_LISTS.value if "ivfpq-fs" in kinds):
+        nlist = max(1, round(factor * math.sqrt(n)))
+        train = db[np.sort(np.random.default_rng([_SEED.value, 4, nlist]).choice(n, train_size, replace=False))]
+        for m in (int(v) for v in _PQ_M.value):
+            for opq in (False, True) if _PQ_OPQ.value else (False,):
+                label = f"{f'OPQ{m},' if opq else ''}IVF{nlist},PQ{m}x4fs,RFlat"
+                start = time.perf_counter()
+                index = faiss.index_factory(dim, label, faiss.METRIC_INNER_PRODUCT)
+                index.train(train)
+                index.add(db)
+                build = time.perf_counter() - start
+                memory = faiss.serialize_index(index).nbytes / _MB
+                log(f"  faiss ivfpq-fs {label}: built in {build:.1f}s (trained on {train_size} points), "
+                    f"{memory:.0f} MB incl. {n * dim * 4 / _MB:.0f} MB float32 refine vectors")
 
-    settings = [(f"efSearch={ef}", set_ef(int(ef))) for ef in _HNSW_EFS.value]
-    run(hnsw, "faiss hnsw", f"M={m} efC={efc}", build, settings, {"M": m, "efConstruction": efc})
-    del hnsw
-    gc.collect()
+                def set_knobs(p: int, kf: int, index=index) -> Callable[[], None]:
+                    def apply() -> None:
+                        space.set_index_parameter(index, "nprobe", p)
+                        space.set_index_parameter(index, "k_factor_rf", kf)
+                    return apply
+
+                params = {"nlist": nlist, "m": m, "nbits": 4, "opq": opq, "train_size": train_size}
+                for p in fractions_of(nlist, [float(f) for f in _PQ_FRACS.value]):
+                    before = len(rows)
+                    settings = [(f"nprobe={p} k_factor={kf}", set_knobs(p, kf)) for kf in k_factors]
+                    run(index, "faiss ivfpq-fs", label, build, settings, dict(params, nprobe=p), memory=memory,
+                        note="mem incl. float32 refine vectors")
+                    if rows[before].recall >= _STOP.value:  # the cheapest k_factor already stops: more probes only cost
+                        break
+                del index
+                gc.collect()
+        del train
+        gc.collect()
     return rows
 
 
@@ -389,13 +465,13 @@ def best_at(rows: list[Row], prefix: str, target: float) -> Row | None:
 
 
 def print_table(n: int, rows: list[Row], truth_s: float) -> None:
-    header = (f"{'method':<12} {'index':<26} {'setting':<22} {'build s':>8} {'mem MB':>8} "
+    header = (f"{'method':<14} {'index':<30} {'setting':<22} {'build s':>8} {'mem MB':>8} "
               f"{'recall@k':>9} {'q/s':>9}  note")
     print(f"\n=== n = {n:,}: ground truth (numpy exact, all queries) took {truth_s:.1f}s ===")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r.method:<12} {r.index:<26} {r.setting:<22} {r.build_s:8.1f} {r.memory_mb:8.0f} "
+        print(f"{r.method:<14} {r.index:<30} {r.setting:<22} {r.build_s:8.1f} {r.memory_mb:8.0f} "
               f"{r.recall:9.4f} {r.qps:9.1f}  {r.note}")
     print(flush=True)
 
@@ -463,9 +539,14 @@ def main(argv):
         for label in dict.fromkeys(r.index for r in rows if r.method == "scann"):
             best = best_at([r for r in rows if r.index == label], "scann", target)
             print(f"    scann {label}: {describe(best)}")
+        faiss_bests = {m: best_at([r for r in rows if r.method == m], m, target)
+                       for m in dict.fromkeys(r.method for r in rows if r.method.startswith("faiss"))}
+        for method, best in faiss_bests.items():
+            print(f"    {method}: {describe(best)}")
         summary[n] = {
             "scann_best": dataclasses.asdict(scann_best) if scann_best else None,
             "faiss_best": dataclasses.asdict(faiss_best) if faiss_best else None,
+            "faiss_best_by_method": {m: dataclasses.asdict(b) if b else None for m, b in faiss_bests.items()},
             "numpy_exact_qps": numpy_qps,
             "scann_vs_faiss": scann_best.qps / faiss_best.qps if scann_best and faiss_best else math.nan,
             "scann_vs_numpy": scann_best.qps / numpy_qps if scann_best else math.nan,

@@ -191,14 +191,9 @@ def main(argv):
                 data.scores[queries[:, None], picks])
 
     # The same loss: step 0's batch, dropout off, before any update (and before the Trainer takes the weights).
-    model = retriever.model
     micro = {key: value[0] for key, value in distill.make_batch(data, 0, cfg, _SEED.value, retriever.pad_id,
                                                                  plan).items()}
-    q = model.query(micro["query_ids"], micro["query_mask"], deterministic=True)
-    p = model.passage.packed(micro["passage_ids"], micro["passage_segments"], micro["passage_positions"],
-                             int(cfg.pack_max_segments), deterministic=True)
-    p = p.reshape(-1, p.shape[-1])[micro["passage_slots"]]
-    ours_loss = float(distill.distill_loss(q, p, micro["scores"], float(cfg.temperature), float(cfg.student_scale)))
+    ours_loss = float(distill.batch_loss(retriever.model, micro, cfg, deterministic=True))
     for tower in ref.towers:
         tower.eval()
     with torch.no_grad():

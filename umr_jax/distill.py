@@ -122,6 +122,20 @@ def distill_loss(query_emb: jax.Array, passage_emb: jax.Array, teacher_scores: j
     return optax.losses.kl_divergence_with_log_targets(student, teacher).mean()
 
 
+def batch_loss(model: nnx.Module, micro: dict[str, jax.Array], cfg: ml_collections.ConfigDict, *,
+               deterministic: bool) -> jax.Array:
+    """The distillation loss of one micro-batch of `make_batch` (its arrays without the accumulation axis):
+    both towers, packed or padded passages as `cfg.packing` says."""
+    q = model.query(micro["query_ids"], micro["query_mask"], deterministic=deterministic)
+    if cfg.packing:
+        p = model.passage.packed(micro["passage_ids"], micro["passage_segments"], micro["passage_positions"],
+                                 int(cfg.pack_max_segments), deterministic=deterministic)
+        p = p.reshape(-1, p.shape[-1])[micro["passage_slots"]]
+    else:
+        p = model.passage(micro["passage_ids"], micro["passage_mask"], deterministic=deterministic)
+    return distill_loss(q, p, micro["scores"], float(cfg.temperature), float(cfg.student_scale))
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
                                                                              optax.Schedule]:
     """AdamW with linear warmup and linear decay to zero, after global-norm clipping."""
@@ -335,17 +349,9 @@ class Trainer:
 
     def _build_step(self) -> Callable:
         graphdef, rest, cfg, tx = self.graphdef, self.rest, self.cfg, self.tx
-        temperature, scale = float(cfg.temperature), float(cfg.student_scale)
 
         def micro_loss(model, micro):
-            q = model.query(micro["query_ids"], micro["query_mask"], deterministic=False)
-            if cfg.packing:
-                p = model.passage.packed(micro["passage_ids"], micro["passage_segments"], micro["passage_positions"],
-                                         int(cfg.pack_max_segments), deterministic=False)
-                p = p.reshape(-1, p.shape[-1])[micro["passage_slots"]]
-            else:
-                p = model.passage(micro["passage_ids"], micro["passage_mask"], deterministic=False)
-            return distill_loss(q, p, micro["scores"], temperature, scale)
+            return batch_loss(model, micro, cfg, deterministic=False)
 
         grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, self.trainable))
 

@@ -191,6 +191,71 @@ def test_shift_right_matches_transformers(ref):
     assert (np.asarray(shift_right(jnp.asarray(labels), 5, 7)) != -100).all()
 
 
+# Pairs of batch() packed two to a row (indices into ENC_LENGTHS / DEC_LENGTHS): the longest prompt
+# (24 tokens, beyond max_distance) sits second, so its positions restart mid-row; pair 3 has a
+# one-token target.
+PACKED_ROWS = ([2, 0], [3, 1])
+
+
+def pack(rows, sequences, length: int):
+    """Token ids, segment numbers (1.. per sequence, 0 = padding) and positions restarting per sequence."""
+    ids, segments, positions = (np.zeros((len(rows), length), np.int32) for _ in range(3))
+    for r, members in enumerate(rows):
+        offset = 0
+        for s, i in enumerate(members):
+            n = len(sequences[i])
+            ids[r, offset:offset + n] = sequences[i]
+            segments[r, offset:offset + n] = s + 1
+            positions[r, offset:offset + n] = np.arange(n)
+            offset += n
+        assert offset < length  # some padding too
+    return ids, segments, positions
+
+
+@nnx.jit
+def _packed_forward(model: MT5, ids, segments, positions, decoder_ids, decoder_segments, decoder_positions):
+    encoded = model.encode(ids, None, segments=segments, positions=positions)
+    hidden = model.decode(encoded, None, decoder_ids, None, encoder_segments=segments, segments=decoder_segments,
+                          positions=decoder_positions)
+    return encoded, model.logits(hidden)
+
+
+def test_packed_rows_match_transformers_per_pair(ref, ours):
+    ids, mask, labels, label_mask = batch(1)
+    prompts = [ids[i, :n] for i, n in enumerate(ENC_LENGTHS)]
+    targets = [labels[i, :n] for i, n in enumerate(DEC_LENGTHS)]
+    # Each decoder segment restarts at the start token: the target shifted right on its own.
+    decoder_inputs = [shift_right(t[None])[0] for t in targets]
+    encoded, logits = _packed_forward(ours, *pack(PACKED_ROWS, prompts, 40), *pack(PACKED_ROWS, decoder_inputs, 16))
+    encoded, logits = np.asarray(encoded), np.asarray(logits)
+    decoder_ids = shift_right(labels)
+    with torch.no_grad():
+        out = ref(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                  decoder_input_ids=torch.tensor(decoder_ids, dtype=torch.long),
+                  decoder_attention_mask=torch.tensor(label_mask))
+    unpacked = np.asarray(ours_logits(ours, ids, mask, decoder_ids, label_mask))
+    checked = 0
+    for r, members in enumerate(PACKED_ROWS):
+        e = d = 0
+        for i in members:
+            n, m = ENC_LENGTHS[i], DEC_LENGTHS[i]
+            np.testing.assert_allclose(encoded[r, e:e + n], out.encoder_last_hidden_state.numpy()[i, :n], atol=1e-4,
+                                       rtol=0, err_msg=f"encoder states of pair {i}")
+            np.testing.assert_allclose(logits[r, d:d + m], out.logits.numpy()[i, :m], atol=1e-4, rtol=0,
+                                       err_msg=f"logits of pair {i}")
+            np.testing.assert_allclose(logits[r, d:d + m], unpacked[i, :m], atol=2e-5, rtol=0)
+            np.testing.assert_allclose(
+                mean_target_logprob(logits[r, d:d + m][None], targets[i][None], np.ones((1, m))),
+                mean_target_logprob(out.logits.numpy()[i:i + 1, :m], targets[i][None], np.ones((1, m))),
+                atol=1e-4, rtol=0)
+            e, d, checked = e + n, d + m, checked + 1
+    assert checked == len(ENC_LENGTHS)
+    # The segments matter: read as one sequence, the row gives the long prompt other states.
+    row_ids, row_segments, _ = pack(PACKED_ROWS, prompts, 40)
+    merged = np.asarray(ours.encode(jnp.asarray(row_ids), jnp.asarray(row_segments > 0)))
+    assert np.abs(merged[0, 5:29] - out.encoder_last_hidden_state.numpy()[0, :24]).max() > 1e-2
+
+
 def test_bfloat16_compute_keeps_float32_logits(ref, ours):
     low = ours_from_torch(ref, dtype="bfloat16")
     ids, mask, labels, label_mask = batch(0)

@@ -124,6 +124,79 @@ def test_packed_rows_equal_padded_buckets(xlmr_tokenizer, eight_devices):
                                atol=1e-5, rtol=0)
 
 
+def test_mt5_packed_rows_equal_padded_buckets_and_transformers(xlmr_tokenizer, eight_devices):
+    torch_model = tiny_mt5(len(xlmr_tokenizer))
+    mesh = sharding.make_mesh((-1, 1), ("data", "model"))  # 8 data devices
+    # Bare queries as targets: from 3 tokens up (<s> ? </s>: XLM-R's specials around '?'; test_t5 has a
+    # one-token target); one prompt longer than every row.
+    queries = [*QUERIES, "?", "Berlin?"]
+    passages = [*PASSAGES, "Kurz.", ("Berlin", "Berlin ist die Hauptstadt von Deutschland. " * 12)]
+    languages = [*LANGS, "de", "de"]
+    settings = dict(target_template="{query}", reduction="sum", pack_row_lengths=(64, 96),
+                    pack_target_row_lengths=(16, 32), pack_max_segments=4)
+    packed = make_teacher("mt5", torch_model, xlmr_tokenizer, mesh, **settings)
+    padded = make_teacher("mt5", torch_model, xlmr_tokenizer, mesh, packing=False, **settings)
+    assert isinstance(packed.layout, teacher.PackedEncoderDecoderRows)
+    assert isinstance(padded.layout, teacher.EncoderDecoderRows)
+    pairs = packed.tokenize(queries, passages, languages)
+    targets = [len(t) for t in pairs.targets]
+    assert min(targets) == 3 and max(len(x) for x in pairs.inputs) > 96
+    batches = packed.layout.plan(pairs)
+    # Rows really hold several pairs, prompt segment s and target segment s of a row belong together, the
+    # long prompt got a row of its own (rounded up to 64), and decoder rows are the configured lengths.
+    assert max(int(b.segments.max()) for b in batches) >= 2
+    for b in batches:
+        for r in range(len(b.ids)):
+            assert set(np.unique(b.segments[r])) == set(np.unique(b.decoder_segments[r]))
+        assert b.decoder_ids.shape[1] in (16, 32) and b.ids.shape[1] in (64, 96, 128)
+        assert b.decoder_ids.shape[0] % 8 == 0 and b.flat_rows.shape[0] == 8
+    assert any(b.ids.shape[1] == 128 for b in batches)
+    slots = np.concatenate([b.flat_pairs[b.flat_pairs >= 0] for b in batches])
+    assert np.array_equal(np.bincount(slots, minlength=len(queries)), targets)
+    got = packed.score_tokens(pairs, progress=False)
+    np.testing.assert_allclose(got, padded.score_tokens(pairs, progress=False), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got, reference_scores("mt5", torch_model, pairs, "sum"), atol=1e-4, rtol=1e-4)
+    # Each pair's score is independent of its row-mates: reversed input order packs differently.
+    again = packed.score(queries[::-1], passages[::-1], languages[::-1], progress=False)[::-1]
+    np.testing.assert_allclose(again, got, atol=1e-4, rtol=1e-5)
+
+
+def test_pack_pair_rows_respects_both_rooms():
+    from umr_jax.batching import pack_pair_rows
+
+    rng = np.random.default_rng(0)
+    inputs, targets = rng.integers(5, 120, 500), rng.integers(1, 40, 500)
+    inputs[0], targets[1] = 300, 64  # a long prompt gets the long row; a long target fills a row's room
+    rows = pack_pair_rows(inputs, targets, (128, 256, 320), 64, 6)
+    placed = sorted(i for _, members in rows for i in members)
+    assert placed == list(range(500))
+    for length, members in rows:
+        assert 1 <= len(members) <= 6 and inputs[members].sum() <= length and targets[members].sum() <= 64
+        assert length == min(r for r in (128, 256, 320) if r >= inputs[members].max())  # the first pair opened it
+    assert inputs.sum() / sum(length for length, _ in rows) > 0.8  # and they are full
+    with pytest.raises(ValueError, match="target of 65 tokens does not fit a packed row of 64"):
+        pack_pair_rows(np.array([3]), np.array([65]), (128,), 64, 4)
+
+
+def test_mt5_packing_config_is_checked(xlmr_tokenizer):
+    cfg = teacher.default_config()
+    cfg.model = "mt5"
+    assert cfg.packing and tuple(cfg.pack_target_row_lengths) == (16, 32, 48, 64, 80, 96, 128)
+    cfg.pack_target_row_lengths = ()
+    with pytest.raises(ValueError, match=r"teacher\.pack_target_row_lengths=\(\): packing needs"):
+        teacher.validate_config(cfg)
+    cfg.model = "gemma3"  # decoder-only rows do not use it
+    teacher.validate_config(cfg)
+    cfg.pack_row_lengths = (128, 0)
+    with pytest.raises(ValueError, match=r"teacher\.pack_row_lengths=\(128, 0\)"):
+        teacher.validate_config(cfg)
+    cfg.packing = False  # the padded buckets do not use either
+    teacher.validate_config(cfg)
+    cfg.packing, cfg.pack_row_lengths, cfg.pack_max_segments = True, (128,), 0
+    with pytest.raises(ValueError, match=r"teacher\.pack_max_segments=0"):
+        teacher.validate_config(cfg)
+
+
 @pytest.mark.parametrize("kind", ["gemma3", "mt5"])
 def test_sum_reduction_and_full_vocab_path_agree(kind, xlmr_tokenizer, eight_devices):
     vocab = len(xlmr_tokenizer)
@@ -201,6 +274,27 @@ def test_bad_input_is_rejected_clearly(xlmr_tokenizer):
     cfg.reduction = "max"
     with pytest.raises(ValueError, match=r"teacher.reduction='max'; choose one of \('mean', 'sum'\)"):
         teacher.validate_config(cfg)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_log_probs_read_mt5_head_in_place(tied):
+    import jax
+    import jax.numpy as jnp
+
+    # 131 is prime: no chunk divides it, so the head's last chunk is padded (and masked).
+    config = T5Config(vocab_size=131, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=2,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=20, tie_word_embeddings=tied)
+    model = t5_weights.build_mt5(config, seed=1)
+    assert (model.head_kernel() is None) == tied
+    assert teacher.chunk_size(131, 40) == 40
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(3, 5, 16)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 131, (3, 5)))
+    chunked = jax.jit(lambda h, y: teacher.target_log_probs(model, h, y, 40))(hidden, labels)
+    logits = np.asarray(model.logits(hidden), np.float64)
+    expected = np.take_along_axis(logits, np.asarray(labels)[..., None], -1)[..., 0] - np.log(
+        np.exp(logits).sum(-1))
+    np.testing.assert_allclose(np.asarray(chunked), expected, atol=1e-5, rtol=0)
 
 
 def test_chunk_size_prefers_divisors():

@@ -168,6 +168,62 @@ def pack_rows(lengths: np.ndarray, row_lengths: Sequence[int], max_segments: int
     return rows
 
 
+def pack_pair_rows(input_lengths: np.ndarray, target_lengths: np.ndarray, row_lengths: Sequence[int],
+                   target_room: int, max_segments: int) -> list[tuple[int, list[int]]]:
+    """:func:`pack_rows` for (input, target) pairs, whose two parts go into rows of two lengths.
+
+    An encoder-decoder row holds the inputs of its pairs in an encoder row (a
+    length of `row_lengths`) and their targets, in the same order, in a decoder
+    row of at most `target_room` tokens. Pairs are placed by input length,
+    longest first, into the open row with the least input room that fits the
+    input and still has room for the target; returns (input row length, pairs)
+    per row. A row is closed once it cannot take even the shortest target.
+    """
+    input_lengths = np.asarray(input_lengths, dtype=np.int64)
+    target_lengths = np.asarray(target_lengths, dtype=np.int64)
+    if input_lengths.shape != target_lengths.shape:
+        raise ValueError(f"{len(input_lengths)} input lengths but {len(target_lengths)} target lengths")
+    row_lengths = sorted(int(r) for r in row_lengths)
+    longest = row_lengths[-1]
+    if not len(input_lengths):
+        return []
+    if min(input_lengths.min(), target_lengths.min()) <= 0:
+        raise ValueError("every pair needs at least one input and one target token")
+    if input_lengths.max() > longest:
+        raise ValueError(f"input of {int(input_lengths.max())} tokens does not fit a packed row of {longest}")
+    if target_lengths.max() > target_room:
+        raise ValueError(f"target of {int(target_lengths.max())} tokens does not fit a packed row of {target_room}")
+    shortest_target = int(target_lengths.min())
+    by_room: list[list[int]] = [[] for _ in range(longest + 1)]  # free input room -> open row ids
+    rows: list[tuple[int, list[int]]] = []
+    room: list[int] = []
+    target_left: list[int] = []
+    for i in np.argsort(-input_lengths, kind="stable"):
+        n, m = int(input_lengths[i]), int(target_lengths[i])
+        row = None
+        for r in range(n, longest + 1):
+            candidates = by_room[r]
+            # Most open rows have target room to spare: the scan rarely goes past the last one.
+            for j in range(len(candidates) - 1, -1, -1):
+                if target_left[candidates[j]] >= m:
+                    row = candidates.pop(j)
+                    break
+            if row is not None:
+                break
+        if row is None:
+            size = next(r for r in row_lengths if r >= n)
+            rows.append((size, []))
+            room.append(size)
+            target_left.append(int(target_room))
+            row = len(rows) - 1
+        rows[row][1].append(int(i))
+        room[row] -= n
+        target_left[row] -= m
+        if len(rows[row][1]) < max_segments and room[row] > 0 and target_left[row] >= shortest_target:
+            by_room[room[row]].append(row)
+    return rows
+
+
 def plan_packed(token_ids: Sequence[Sequence[int]], row_lengths: Sequence[int], tokens_per_batch: int,
                 max_segments: int, pad_id: int, multiple_of: int = 1) -> list[PackedBatch]:
     """Packs texts into batches of one shape per row length (plus halvings for each tail)."""

@@ -15,15 +15,16 @@ model families share this file:
     the target is scored after it; only target positions count.
 
 Speed comes from the shapes, not tricks: pairs are packed several to a row
-(decoder-only) or bucketed by prompt and by target length into a few padded
-shapes (one compiled program each, reused for millions of pairs), the LM head
-runs only at target positions, and the log-softmax is a log-sum-exp over
+(by default; mT5 packs prompts into encoder rows and the same pairs' targets
+into decoder rows) or bucketed by prompt and by target length into a few
+padded shapes (one compiled program each, reused for millions of pairs), the
+LM head runs only at target positions, and the log-softmax is a log-sum-exp over
 vocabulary chunks plus the label's own logit, so the (tokens x 262k) logit
 matrix is never materialised. Parameters are placed on the mesh by their
 logical axes and batches split over ``data``.
 
 The file reads top to bottom: the config; :class:`Prompter` (what the LM reads:
-prompt and target text, token ids, truncation); the three batch layouts (how
+prompt and target text, token ids, truncation); the four batch layouts (how
 pairs become padded or packed arrays, and the model call on them); and
 :class:`Teacher`, which picks the layout and runs the one scoring loop.
 """
@@ -45,7 +46,18 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from umr_jax import sharding
-from umr_jax.batching import PackedBatch, PairGroup, dispatch_ahead, pad_rows, plan_packed, plan_pair_groups
+from umr_jax.batching import (
+    PackedBatch,
+    PairGroup,
+    bucket_for,
+    chunk_rows,
+    dispatch_ahead,
+    fill_packed,
+    pack_pair_rows,
+    pad_rows,
+    plan_packed,
+    plan_pair_groups,
+)
 from umr_jax.data.languages import LANGUAGE_NAMES, language_name
 from umr_jax.models.layers import resolve_auto_dtype
 
@@ -85,14 +97,19 @@ def default_config() -> ml_collections.ConfigDict:
     # An unknown language code is an error; set e.g. 'English' to use that
     # language name in the prompt for every unknown code instead.
     cfg.unknown_language_name = ""
-    # Decoder-only: pack several (prompt, target) sequences into each row
-    # (block-diagonal causal attention, positions restarting per sequence) and
-    # run the LM head on a flat list of exactly the target positions: ~95% of
-    # the compute is then on real tokens instead of ~75% / ~50% (body / head)
-    # with padded buckets. mT5 always uses the buckets below.
+    # Pack several pairs into each row (attention only within a pair, positions
+    # restarting per sequence) and run the LM head on a flat list of exactly
+    # the target positions: ~95% of the compute is then on real tokens instead
+    # of ~75% / ~50% (body / head) with padded buckets. Decoder-only: prompt +
+    # target sequences in rows of pack_row_lengths. mT5: prompts in encoder
+    # rows of pack_row_lengths, the same pairs' targets in decoder rows of
+    # pack_target_row_lengths. False: the padded buckets below.
     cfg.packing = True
     cfg.pack_row_lengths = (128, 256)  # longer sequences get a row of their own length (multiple of 64)
-    cfg.pack_max_segments = 16
+    # mT5 only: a batch's decoder rows take the smallest of these that holds its
+    # fullest row; the largest caps the target tokens of one row's pairs.
+    cfg.pack_target_row_lengths = (16, 32, 48, 64, 80, 96, 128)
+    cfg.pack_max_segments = 16  # pairs per row
     cfg.target_slot_multiple = 64  # flat target slots per device are padded to a multiple of this
     cfg.input_buckets = (64, 96, 128, 160, 192, 256, 320, 384, 512)
     cfg.target_buckets = (8, 16, 24, 32, 48, 64, 96, 128)
@@ -119,6 +136,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"teacher.input_template {cfg.input_template!r} lacks the field {field}")
     if "{query}" not in cfg.target_template:
         raise ValueError(f"teacher.target_template {cfg.target_template!r} lacks the field {{query}}")
+    for key in ("pack_row_lengths", "pack_target_row_lengths")[:2 if cfg.model == "mt5" else 1]:
+        lengths = tuple(cfg.get(key, ()) or ())
+        if cfg.packing and (not lengths or any(int(x) < 1 for x in lengths)):
+            raise ValueError(f"teacher.{key}={lengths!r}: packing needs one or more positive row lengths")
+    if cfg.packing and int(cfg.pack_max_segments) < 1:
+        raise ValueError(f"teacher.pack_max_segments={cfg.pack_max_segments} must be at least 1")
     if cfg.max_input_length < 8 or cfg.max_target_length < 2:
         raise ValueError(f"teacher.max_input_length={cfg.max_input_length} / max_target_length="
                          f"{cfg.max_target_length} are too small to hold a prompt and a question")
@@ -262,7 +285,9 @@ class Prompter:
 # methods: plan (pairs -> batches), arrays (a batch -> host arrays), forward
 # (the traced model call on those arrays) and results (device output -> per-pair
 # sums of target log-probs and target counts). The scoring loop in Teacher is
-# the same for all three.
+# the same for all four: encoder-decoder padded (EncoderDecoderRows) or packed
+# (PackedEncoderDecoderRows), decoder-only padded (DecoderRows) or packed
+# (PackedRows).
 
 
 def _lengths(sequences: Sequence[Sequence[int]]) -> np.ndarray:
@@ -357,6 +382,35 @@ class DecoderRows:
     results = staticmethod(_row_results)
 
 
+def _flat_slots(slots: list[list[tuple[int, int, int, int]]],
+                multiple: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per device, (local row, position, label, pair) of each target token -> four (devices, slots) arrays.
+
+    Every device's list is padded to one width, a multiple of `multiple`, with
+    slots (row 0, position 0, label 0, pair -1) whose outputs are dropped.
+    """
+    width = max(multiple, -(-max(len(s) for s in slots) // multiple) * multiple)
+    flat = np.zeros((4, len(slots), width), np.int64)
+    flat[3] = -1
+    for d, entries in enumerate(slots):
+        if entries:
+            flat[:, d, :len(entries)] = np.array(entries, np.int64).T
+    return flat[0].astype(np.int32), flat[1].astype(np.int32), flat[2].astype(np.int32), flat[3]
+
+
+def _pick_targets(hidden: jax.Array, flat_rows: jax.Array, flat_positions: jax.Array) -> jax.Array:
+    """Rows (devices x rows per device, length, hidden) -> the states at each device's flat slots."""
+    # (devices, rows per device, length, hidden): each device gathers its own rows' targets.
+    hidden = hidden.reshape(flat_rows.shape[0], -1, *hidden.shape[1:])
+    return jax.vmap(lambda h, r, p: h[r, p])(hidden, flat_rows, flat_positions)
+
+
+def _flat_results(flat_pairs: np.ndarray, output: jax.Array) -> tuple[np.ndarray, ...]:
+    """One entry per target token (a pair's tokens are summed by the caller); padding slots are dropped."""
+    real = flat_pairs >= 0
+    return flat_pairs[real], np.asarray(output, np.float64)[real], np.ones(int(real.sum()))
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedPairBatch:
     """Decoder-only pairs packed into rows, and their target positions as flat per-device lists.
@@ -410,15 +464,8 @@ class PackedRows:
                 start = offset + len(x) - 1
                 slots[r // per_device].extend((r % per_device, start + j, t, i) for j, t in enumerate(y))
                 offset += len(x) + len(y)
-        multiple = int(self.cfg.target_slot_multiple)
-        width = max(multiple, -(-max(len(s) for s in slots) // multiple) * multiple)
-        flat = np.zeros((4, self.devices, width), np.int64)
-        flat[3] = -1
-        for d, entries in enumerate(slots):
-            if entries:
-                flat[:, d, :len(entries)] = np.array(entries, np.int64).T
-        return PackedPairBatch(batch.ids, batch.segments, batch.positions, flat[0].astype(np.int32),
-                               flat[1].astype(np.int32), flat[2].astype(np.int32), flat[3])
+        return PackedPairBatch(batch.ids, batch.segments, batch.positions,
+                               *_flat_slots(slots, int(self.cfg.target_slot_multiple)))
 
     @staticmethod
     def arrays(pairs: TokenizedPairs, batch: PackedPairBatch) -> tuple[np.ndarray, ...]:
@@ -429,16 +476,121 @@ class PackedRows:
         """Target log-prob per flat slot, (devices, slots)."""
         ids, segments, positions, flat_rows, flat_positions, flat_labels = arrays
         hidden = model.hidden_states(ids, None, segments=segments, positions=positions)
-        # (devices, rows per device, length, hidden): each device gathers its own rows' targets.
-        hidden = hidden.reshape(flat_rows.shape[0], -1, *hidden.shape[1:])
-        picked = jax.vmap(lambda h, r, p: h[r, p])(hidden, flat_rows, flat_positions)
-        return target_log_probs(model, picked, flat_labels, vocab_chunk)
+        return target_log_probs(model, _pick_targets(hidden, flat_rows, flat_positions), flat_labels, vocab_chunk)
 
     @staticmethod
     def results(batch: PackedPairBatch, output: jax.Array) -> tuple[np.ndarray, ...]:
-        """One entry per target token (a pair's tokens are summed by the caller); padding slots are dropped."""
-        real = batch.flat_pairs >= 0
-        return batch.flat_pairs[real], np.asarray(output, np.float64)[real], np.ones(int(real.sum()))
+        return _flat_results(batch.flat_pairs, output)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedEncoderDecoderBatch:
+    """mT5 pairs packed into rows: prompts in encoder rows, their targets in decoder rows, same order.
+
+    Segment s of encoder row r and segment s of decoder row r are one pair's
+    prompt and target; rows split evenly over the `data` devices and the flat
+    slots list each device's target tokens as in :class:`PackedPairBatch`.
+    """
+
+    ids: np.ndarray  # (rows, input row length)
+    segments: np.ndarray  # (rows, input row length) 1.. per prompt, 0 = padding
+    positions: np.ndarray  # (rows, input row length) restarting at 0 per prompt
+    decoder_ids: np.ndarray  # (rows, target row length): per target, the start token then the target shifted right
+    decoder_segments: np.ndarray  # (rows, target row length) the prompt's segment number
+    decoder_positions: np.ndarray  # (rows, target row length) restarting at 0 per target
+    flat_rows: np.ndarray  # (devices, slots) local row of each target token
+    flat_positions: np.ndarray  # (devices, slots) its decoder position (which predicts it)
+    flat_labels: np.ndarray  # (devices, slots) the target token
+    flat_pairs: np.ndarray  # (devices, slots) pair index, -1 = padding slot (host only)
+
+
+class PackedEncoderDecoderRows:
+    """mT5, several pairs per row (`packing=True`, the default): prompts packed into encoder rows of
+    `pack_row_lengths`, their targets into decoder rows of `pack_target_row_lengths`.
+
+    Encoder self-attention sees only the own prompt, decoder self-attention is
+    causal within the own target, cross-attention reads only the own pair's
+    prompt, and relative positions restart per sequence, so every pair is
+    scored as alone. The LM head runs on a flat list of exactly the target
+    tokens. Each batch's decoder rows take the smallest configured length that
+    holds its fullest row (rows of one input length are sorted by target
+    tokens before being cut into batches, so that length stays tight).
+    """
+
+    output_ranks = 2
+
+    def __init__(self, cfg: ml_collections.ConfigDict, pad_id: int, devices: int, decoder_start: int):
+        self.cfg, self.pad_id, self.devices, self.decoder_start = cfg, pad_id, devices, decoder_start
+
+    @staticmethod
+    def _lengths_for(configured: Sequence[int], longest: int) -> list[int]:
+        """The configured row lengths, plus one of the longest sequence (rounded up to 64) if none holds it."""
+        lengths = sorted({int(r) for r in configured})
+        if longest > lengths[-1]:
+            lengths.append(-(-longest // 64) * 64)
+        return lengths
+
+    def plan(self, pairs: TokenizedPairs) -> list[PackedEncoderDecoderBatch]:
+        inputs, targets = _lengths(pairs.inputs), _lengths(pairs.targets)
+        if not len(inputs):
+            return []
+        row_lengths = self._lengths_for(self.cfg.pack_row_lengths, int(inputs.max()))
+        target_row_lengths = self._lengths_for(self.cfg.pack_target_row_lengths, int(targets.max()))
+        max_segments = int(self.cfg.pack_max_segments)
+        packed = pack_pair_rows(inputs, targets, row_lengths, target_row_lengths[-1], max_segments)
+        # Teacher forcing: each target's decoder input is the start token, then the target shifted right.
+        shifted = [[self.decoder_start, *y[:-1]] for y in pairs.targets]
+        batches = []
+        for row_length in sorted({size for size, _ in packed}):
+            rows = [members for size, members in packed if size == row_length]
+            rows.sort(key=lambda members: int(targets[members].sum()))  # stable: the plan is deterministic
+            for chunk, size in chunk_rows(rows, row_length, int(self.cfg.tokens_per_batch), self.devices):
+                fill = max(int(targets[members].sum()) for members in chunk)
+                # Device d takes rows d, d + devices, ...: each gets a share of the target tokens of every
+                # fill, so the flat slot lists (padded to the longest of them) stay even.
+                per_device = size // self.devices
+                chunk = [row for d in range(self.devices)
+                         for row in [*chunk[d::self.devices], *[[]] * (per_device - len(chunk[d::self.devices]))]]
+                encoder = fill_packed(pairs.inputs, chunk, size, row_length, max_segments, self.pad_id)
+                decoder = fill_packed(shifted, chunk, size, bucket_for(fill, target_row_lengths), max_segments,
+                                      self.pad_id)
+                batches.append(self._batch(pairs, chunk, size, encoder, decoder))
+        return batches
+
+    def _batch(self, pairs: TokenizedPairs, rows: list[list[int]], size: int, encoder: PackedBatch,
+               decoder: PackedBatch) -> PackedEncoderDecoderBatch:
+        """Each device gets the (local row, decoder position, label, pair) of its rows' target tokens."""
+        per_device = size // self.devices
+        slots: list[list[tuple[int, int, int, int]]] = [[] for _ in range(self.devices)]
+        for r, members in enumerate(rows):
+            offset = 0
+            for i in members:
+                # Decoder position offset + j reads the token before target token j and predicts it.
+                target = pairs.targets[i]
+                slots[r // per_device].extend((r % per_device, offset + j, t, i) for j, t in enumerate(target))
+                offset += len(target)
+        return PackedEncoderDecoderBatch(encoder.ids, encoder.segments, encoder.positions, decoder.ids,
+                                         decoder.segments, decoder.positions,
+                                         *_flat_slots(slots, int(self.cfg.target_slot_multiple)))
+
+    @staticmethod
+    def arrays(pairs: TokenizedPairs, batch: PackedEncoderDecoderBatch) -> tuple[np.ndarray, ...]:
+        return (batch.ids, batch.segments, batch.positions, batch.decoder_ids, batch.decoder_segments,
+                batch.decoder_positions, batch.flat_rows, batch.flat_positions, batch.flat_labels)
+
+    @staticmethod
+    def forward(model: nnx.Module, arrays: tuple[jax.Array, ...], vocab_chunk: int) -> jax.Array:
+        """Target log-prob per flat slot, (devices, slots)."""
+        (ids, segments, positions, decoder_ids, decoder_segments, decoder_positions, flat_rows, flat_positions,
+         flat_labels) = arrays
+        encoded = model.encode(ids, None, segments=segments, positions=positions)
+        hidden = model.decode(encoded, None, decoder_ids, None, encoder_segments=segments,
+                              segments=decoder_segments, positions=decoder_positions)
+        return target_log_probs(model, _pick_targets(hidden, flat_rows, flat_positions), flat_labels, vocab_chunk)
+
+    @staticmethod
+    def results(batch: PackedEncoderDecoderBatch, output: jax.Array) -> tuple[np.ndarray, ...]:
+        return _flat_results(batch.flat_pairs, output)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -494,8 +646,10 @@ class Teacher:
         encoder_decoder = cfg.model == "mt5"
         self.prompter = Prompter(tokenizer, cfg, encoder_decoder)
         devices = sharding.data_parallel_size(mesh, rules)
-        self.layout: EncoderDecoderRows | DecoderRows | PackedRows
-        if encoder_decoder:
+        self.layout: EncoderDecoderRows | PackedEncoderDecoderRows | DecoderRows | PackedRows
+        if encoder_decoder and cfg.packing:
+            self.layout = PackedEncoderDecoderRows(cfg, self.pad_id, devices, model.config.decoder_start_token_id)
+        elif encoder_decoder:
             self.layout = EncoderDecoderRows(cfg, self.pad_id, devices, model.config.decoder_start_token_id)
         elif cfg.packing:
             self.layout = PackedRows(cfg, self.pad_id, devices)
@@ -596,37 +750,54 @@ def target_log_probs(model: nnx.Module, hidden: jax.Array, labels: jax.Array, vo
     label's logit is one dot product with its own head row; peak memory is then
     tokens x chunk instead of tokens x vocab (262k for Gemma). 0 computes the
     full logits at once (what a model-sharded vocabulary wants).
+
+    The slices follow the head's storage: row blocks of a (vocab, hidden) head
+    (Gemma's tied embedding), or column blocks of a (hidden, vocab) kernel when
+    the model offers one (``head_kernel()``: mT5's lm_head), read in place
+    instead of through a transposed copy of the whole head on every call.
     """
     if vocab_chunk <= 0:
         logits = model.logits(hidden)
         picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
-    head = model.head_weight()  # (vocab, hidden), compute dtype
-    vocab, width = head.shape
+    kernel = model.head_kernel() if hasattr(model, "head_kernel") else None  # (hidden, vocab) or None
+    head = model.head_weight() if kernel is None else None  # (vocab, hidden); compute dtype either way
+    width, vocab = kernel.shape if kernel is not None else head.shape[::-1]
     softcap = model.logit_softcap
-    flat = hidden.reshape(-1, width).astype(head.dtype)
+    flat = hidden.reshape(-1, width).astype(head.dtype if kernel is None else kernel.dtype)
 
     def finish(z: jax.Array) -> jax.Array:
         return softcap * jnp.tanh(z / softcap) if softcap else z
 
-    label_rows = jnp.take(head, labels.reshape(-1), axis=0)
+    label_rows = (jnp.take(head, labels.reshape(-1), axis=0) if kernel is None
+                  else jnp.take(kernel, labels.reshape(-1), axis=1).T)
     picked = finish(jnp.einsum("nh,nh->n", flat, label_rows, preferred_element_type=jnp.float32))
     vocab_chunk = chunk_size(vocab, vocab_chunk)
     chunks = -(-vocab // vocab_chunk)
-    if chunks * vocab_chunk != vocab:  # a copy of the head: only when no divisor is near the target
-        head = jnp.pad(head, ((0, chunks * vocab_chunk - vocab), (0, 0)))
-    padded = head.reshape(chunks, vocab_chunk, width)
+    padding = chunks * vocab_chunk - vocab  # a copy of the head: only when no divisor is near the target
     valid = (jnp.arange(chunks * vocab_chunk) < vocab).reshape(chunks, vocab_chunk)
+    if kernel is None:
+        blocks = jnp.pad(head, ((0, padding), (0, 0))) if padding else head
+        blocks = blocks.reshape(chunks, vocab_chunk, width)
+
+        def chunk_logits(rows: jax.Array) -> jax.Array:
+            return jnp.einsum("nh,vh->nv", flat, rows, preferred_element_type=jnp.float32)
+    else:
+        columns = jnp.pad(kernel, ((0, 0), (0, padding))) if padding else kernel
+        blocks = jnp.arange(chunks)
+
+        def chunk_logits(i: jax.Array) -> jax.Array:
+            block = jax.lax.dynamic_slice_in_dim(columns, i * vocab_chunk, vocab_chunk, axis=1)
+            return jnp.einsum("nh,hv->nv", flat, block, preferred_element_type=jnp.float32)
 
     def step(carry, chunk):
         running_max, running_sum = carry
-        rows, ok = chunk
-        z = finish(jnp.einsum("nh,vh->nv", flat, rows, preferred_element_type=jnp.float32))
-        z = jnp.where(ok[None], z, -jnp.inf)
+        block, ok = chunk
+        z = jnp.where(ok[None], finish(chunk_logits(block)), -jnp.inf)
         new_max = jnp.maximum(running_max, z.max(-1))
         running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(z - new_max[:, None]).sum(-1)
         return (new_max, running_sum), None
 
     init = (jnp.full((flat.shape[0],), -jnp.inf, jnp.float32), jnp.zeros((flat.shape[0],), jnp.float32))
-    (maximum, total), _ = jax.lax.scan(step, init, (padded, valid))
+    (maximum, total), _ = jax.lax.scan(step, init, (blocks, valid))
     return (picked - (maximum + jnp.log(total))).reshape(labels.shape)

@@ -23,7 +23,16 @@ What makes T5 different from a textbook Transformer, and therefore from
 Parameters keep explicit head dimensions ((embed, heads, kv) kernels) and carry
 logical axis names that :mod:`umr_jax.sharding` maps onto the mesh: heads, mlp
 and vocab split over ``model``, so mT5-XL (32 heads, d_ff 5120, 250k vocab)
-shards over 8 devices for scoring.
+shards over 8 devices for scoring. Matmuls run in the compute dtype and ask
+for float32 results (:func:`umr_jax.models.layers.mixed_dot`, as Gemma), cast
+back to the compute dtype: the same numbers in float32, float32 accumulation
+in bfloat16.
+
+Rows may pack several sequences (``segments`` / ``positions`` of
+:meth:`MT5.encode` and :meth:`MT5.decode`, for the teacher's packed pairs):
+attention stays within a sequence (cross-attention within a pair), and the
+relative position bias is computed from positions restarting per sequence, so
+each gets the states it gets alone.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from umr_jax.models.layers import RMSNorm, random_param, resolve_dtype
+from umr_jax.models.layers import RMSNorm, mixed_dot, random_param, resolve_dtype
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -230,6 +239,24 @@ def _key_bias(mask: jax.Array) -> jax.Array:
     return jnp.where(mask.astype(bool)[:, None, None, :], 0.0, _MASKED).astype(jnp.float32)
 
 
+def segment_bias(query_segments: jax.Array, key_segments: jax.Array,
+                 causal_positions: jax.Array | None = None) -> jax.Array:
+    """Additive float32 bias (batch, 1, queries, keys) for rows packing several sequences.
+
+    `*_segments[b, t]` numbers the sequence (1, 2, ...) that token t of row b
+    belongs to, 0 = padding. A query sees the keys of its own sequence only;
+    with `causal_positions` (self-attention: each token's position in its
+    sequence) only those at or before its own position. For cross-attention
+    the decoder's segment s attends to the encoder's segment s: a pair's
+    target reads only that pair's prompt. Padding queries see nothing: the
+    finite mask gives them a uniform softmax, and their outputs are never read.
+    """
+    visible = (query_segments[:, :, None] == key_segments[:, None, :]) & (key_segments[:, None, :] > 0)
+    if causal_positions is not None:
+        visible = visible & (causal_positions[:, None, :] <= causal_positions[:, :, None])
+    return jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)[:, None]
+
+
 class Attention(nnx.Module):
     """Multi-head attention without biases or logit scaling; optionally owns the relative bias table."""
 
@@ -253,8 +280,15 @@ class Attention(nnx.Module):
             if relative_bias else None)
         self.attn_dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
-    def position_bias(self, query_length: int, key_length: int) -> jax.Array:
-        """Relative position bias, float32 (1, heads, query_length, key_length)."""
+    def position_bias(self, query_length: int, key_length: int, positions: jax.Array | None = None) -> jax.Array:
+        """Relative position bias, float32 (1, heads, query_length, key_length).
+
+        With `positions` (batch, length), self-attention over packed rows: the
+        distance of a (query, key) pair is key position - query position, the
+        positions restarting at 0 in every sequence, so each sequence gets
+        exactly the bias it gets alone; (batch, heads, length, length).
+        Pairs across sequences get a distance too, but are masked.
+        """
         if self.relative_bias is None:
             raise ValueError("this attention layer has no relative bias table (only each stack's first does)")
         # One bucket per distance (key - query) from -(q-1) to k-1, then a
@@ -264,13 +298,20 @@ class Attention(nnx.Module):
         buckets = relative_position_buckets(distances, bidirectional=self.bidirectional,
                                             num_buckets=self.num_buckets, max_distance=self.max_distance)
         per_distance = jnp.take(self.relative_bias[...].astype(jnp.float32), jnp.asarray(buckets), axis=0)
-        index = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None] + (query_length - 1)
-        return jnp.take(per_distance, index, axis=0).transpose(2, 0, 1)[None]
+        if positions is None:
+            index = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None] + (query_length - 1)
+            return jnp.take(per_distance, index, axis=0).transpose(2, 0, 1)[None]
+        if query_length != key_length or positions.shape[1] != query_length:
+            raise ValueError(f"positions {positions.shape} need a self-attention of one length, got "
+                             f"{query_length} queries and {key_length} keys")
+        # Positions lie in [0, length), so every distance is inside the table.
+        index = positions[:, None, :] - positions[:, :, None] + (query_length - 1)
+        return jnp.take(per_distance, index, axis=0).transpose(0, 3, 1, 2)
 
     def _project(self, x: jax.Array, kernel: nnx.Param) -> jax.Array:
         # Straight into (batch, heads, length, head_dim), as in bert.py: the
         # attention matmuls then batch over leading dimensions without transposes.
-        return jnp.einsum("bte,ehd->bhtd", x, kernel[...].astype(self.dtype))
+        return mixed_dot("bte,ehd->bhtd", x, kernel[...], self.dtype)
 
     def __call__(self, x: jax.Array, context: jax.Array, position_bias: jax.Array | None, mask_bias: jax.Array,
                  *, deterministic: bool) -> jax.Array:
@@ -290,8 +331,8 @@ class Attention(nnx.Module):
             logits = logits + position_bias
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
-        return jnp.einsum("bhqd,hde->bqe", ctx, self.o_kernel[...].astype(self.dtype))
+        ctx = mixed_dot("bhqk,bhkd->bhqd", probs, v, self.dtype)
+        return mixed_dot("bhqd,hde->bqe", ctx, self.o_kernel[...], self.dtype)
 
     def query(self, x: jax.Array) -> jax.Array:
         return self._project(x, self.q_kernel)
@@ -315,13 +356,14 @@ class FeedForward(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
+        dt = self.dtype
         if self.gated:
-            hidden = (self.activation(x @ self.wi_0[...].astype(self.dtype))
-                      * (x @ self.wi_1[...].astype(self.dtype)))
+            hidden = (self.activation(mixed_dot("...e,em->...m", x, self.wi_0[...], dt))
+                      * mixed_dot("...e,em->...m", x, self.wi_1[...], dt))
         else:
-            hidden = self.activation(x @ self.wi[...].astype(self.dtype))
+            hidden = self.activation(mixed_dot("...e,em->...m", x, self.wi[...], dt))
         hidden = self.dropout(hidden, deterministic=deterministic)
-        return hidden @ self.wo[...].astype(self.dtype)
+        return mixed_dot("...m,me->...e", hidden, self.wo[...], dt)
 
 
 class _Block(nnx.Module):
@@ -420,10 +462,15 @@ class Encoder(_Stack):
     def __init__(self, cfg: T5Config, **kw: Any):
         super().__init__(cfg, EncoderLayer, cfg.num_layers, **kw)
 
-    def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None, *, deterministic: bool,
+                 segments: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+        """One right-padded sequence per row (`mask`), or packed rows (`segments` and `positions`)."""
         length = x.shape[1]
-        position_bias = self.layers[0].attention.position_bias(length, length)
-        return self._run(x, position_bias, _key_bias(mask), deterministic=deterministic)
+        if segments is None:
+            position_bias = self.layers[0].attention.position_bias(length, length)
+            return self._run(x, position_bias, _key_bias(mask), deterministic=deterministic)
+        position_bias = self.layers[0].attention.position_bias(length, length, positions)
+        return self._run(x, position_bias, segment_bias(segments, segments), deterministic=deterministic)
 
 
 class Decoder(_Stack):
@@ -432,15 +479,25 @@ class Decoder(_Stack):
     def __init__(self, cfg: T5Config, **kw: Any):
         super().__init__(cfg, DecoderLayer, cfg.num_decoder_layers, **kw)
 
-    def __call__(self, x: jax.Array, encoded: jax.Array, encoder_mask: jax.Array, decoder_mask: jax.Array, *,
-                 deterministic: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, encoded: jax.Array, encoder_mask: jax.Array | None,
+                 decoder_mask: jax.Array | None, *, deterministic: bool, encoder_segments: jax.Array | None = None,
+                 segments: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+        """Right-padded rows (`encoder_mask`, `decoder_mask`), or packed rows: decoder `segments` and
+        `positions`, and the `encoder_segments` of the same pairs (decoder segment s reads encoder segment s)."""
         length = x.shape[1]
-        position_bias = self.layers[0].self_attention.position_bias(length, length)
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        visible = causal[None, None] & decoder_mask.astype(bool)[:, None, None, :]
-        self_mask_bias = jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)  # (batch, 1, T, T)
-        return self._run(x, encoded, position_bias, self_mask_bias, _key_bias(encoder_mask),
-                         deterministic=deterministic)
+        if segments is None:
+            position_bias = self.layers[0].self_attention.position_bias(length, length)
+            causal = jnp.tril(jnp.ones((length, length), bool))
+            visible = causal[None, None] & decoder_mask.astype(bool)[:, None, None, :]
+            self_mask_bias = jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)  # (batch, 1, T, T)
+            cross_mask_bias = _key_bias(encoder_mask)
+        else:
+            if encoder_segments is None:
+                raise ValueError("packed decoder rows need the encoder_segments of the same pairs")
+            position_bias = self.layers[0].self_attention.position_bias(length, length, positions)
+            self_mask_bias = segment_bias(segments, segments, causal_positions=positions)
+            cross_mask_bias = segment_bias(segments, encoder_segments)
+        return self._run(x, encoded, position_bias, self_mask_bias, cross_mask_bias, deterministic=deterministic)
 
 
     def step(self, x: jax.Array, t: jax.Array, state: DecoderCache) -> tuple[jax.Array, DecoderCache]:
@@ -505,19 +562,37 @@ class MT5(nnx.Module):
     def _embed(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.shared[...], ids, axis=0).astype(self.dtype)
 
-    def encode(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
-        """Encoder states (batch, source_length, d_model) in the compute dtype."""
-        return self.encoder(self._embed(ids), mask, deterministic=deterministic)
+    def encode(self, ids: jax.Array, mask: jax.Array | None, *, deterministic: bool = True,
+               segments: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+        """Encoder states (batch, source_length, d_model) in the compute dtype.
 
-    def decode(self, encoded: jax.Array, encoder_mask: jax.Array, decoder_ids: jax.Array, decoder_mask: jax.Array,
-               *, deterministic: bool = True) -> jax.Array:
+        Rows hold one right-padded sequence each (`mask`), or, with `segments`
+        (1, 2, ... per sequence, 0 = padding; `mask` is then unused) and
+        `positions` (restarting at 0 per sequence), several contiguous
+        sequences: each attends only to itself, with its own relative
+        positions, and gets exactly the states it gets alone.
+        """
+        return self.encoder(self._embed(ids), mask, deterministic=deterministic, segments=segments,
+                            positions=positions)
+
+    def decode(self, encoded: jax.Array, encoder_mask: jax.Array | None, decoder_ids: jax.Array,
+               decoder_mask: jax.Array | None, *, deterministic: bool = True,
+               encoder_segments: jax.Array | None = None, segments: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
         """Final decoder states (batch, target_length, d_model): exactly what the LM head consumes.
+
+        Packed rows as in :meth:`encode`: decoder `segments` / `positions`
+        (each segment starts with the decoder start token, its target shifted
+        right) and the `encoder_segments` of `encoded`; decoder segment s is
+        the target of encoder segment s, causal within itself, and reads only
+        that prompt. The masks are then unused.
 
         Includes the d_model**-0.5 scaling of the tied-head variant, so that
         ``logits(decode(...))`` is the model's output whichever head it has.
         """
         hidden = self.decoder(self._embed(decoder_ids), encoded, encoder_mask, decoder_mask,
-                              deterministic=deterministic)
+                              deterministic=deterministic, encoder_segments=encoder_segments, segments=segments,
+                              positions=positions)
         if self.config.tie_word_embeddings:
             hidden = hidden * jnp.asarray(self.config.d_model ** -0.5, hidden.dtype)
         return hidden
@@ -544,6 +619,14 @@ class MT5(nnx.Module):
         if self.lm_head is None:
             return self.shared[...].astype(self.dtype)
         return self.lm_head[...].astype(self.dtype).T
+
+    def head_kernel(self) -> jax.Array | None:
+        """The untied LM head as stored, (d_model, vocab) in the compute dtype; None for the tied head.
+
+        Scorers slice its columns in place: :meth:`head_weight` is its
+        transpose, which XLA copies whole (512 MB for mT5-small in float32).
+        """
+        return None if self.lm_head is None else self.lm_head[...].astype(self.dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The LM head only: (..., d_model) -> float32 (..., vocab), accumulated in float32."""

@@ -69,19 +69,19 @@ def model_flops(token_lengths, hidden: int, ffn: int, layers: int) -> float:
 
 def machine(dtype: str | None = None) -> str:
     """CPU model, cores, bf16 units and the compute dtype: every figure must name the machine kind it came from
-    (a Xeon with bf16 units runs `dtype='auto'` in bfloat16; an AVX2-only EPYC runs it in float32)."""
-    model, cpu_flags = "unknown CPU", set()
+    (a Xeon with AMX runs `dtype='auto'` in bfloat16; an AVX2-only EPYC, or a Xeon whose bf16 is AVX512-BF16
+    alone, runs it in float32)."""
+    from umr_jax.models.layers import cpu_flags  # after this module has set XLA_FLAGS
+
+    model = "unknown CPU"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not cpu_flags:
-                    cpu_flags = set(line.split(":", 1)[1].split())
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
     except OSError:
         pass
-    units = [f for f in ("amx_bf16", "avx512_bf16") if f in cpu_flags]
-    widest = next((f for f in ("avx512f", "avx2") if f in cpu_flags), "no AVX2")
+    flags = cpu_flags()
+    units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    widest = next((f for f in ("avx512f", "avx2") if f in flags), "no AVX2")
     kind = f"bf16 units: {'yes (' + ', '.join(units) + ')' if units else 'no'}; widest vectors {widest}"
     return f"{model}, {os.cpu_count()} cores; {kind}" + (f"; dtype {dtype}" if dtype else "")
 

@@ -1,6 +1,6 @@
 """Teacher scoring throughput: umr_jax vs the PyTorch ways, same pairs, one run.
 
-    python bench/score.py [--num_pairs=512] [--skip_mt5]
+    python bench/score.py [--num_pairs=512] [--skip_mt5 | --skip_gemma]
 
 Scores the same (query, candidate) pairs from XQuAD-R (questions of all 11
 languages, each with a candidate sentence: its own answer's paragraph or a
@@ -57,6 +57,7 @@ _BF16_PAIRS = flags.DEFINE_integer("bf16_pairs", 128, "Pairs timed with bfloat16
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Interleaved timed rounds of ours and PyTorch-best.")
 _TOKENS = flags.DEFINE_integer("tokens_per_batch", 0, "Override the teacher's token budget per batch.")
 _SKIP_MT5 = flags.DEFINE_bool("skip_mt5", False, "Only the Gemma part.")
+_SKIP_GEMMA = flags.DEFINE_bool("skip_gemma", False, "Only the mT5 part.")
 
 MT5_SMALL = dict(vocab_size=250_112, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8,
                  num_heads=6, relative_attention_num_buckets=32, relative_attention_max_distance=128,
@@ -232,8 +233,9 @@ def compare(name: str, ours, tpairs, torch_fn, flops: float, peak: float, ours_b
         start = time.perf_counter()
         ref = torch_fn(by_length, best_bs, full_logits=False)
         t_best.append(time.perf_counter() - start)
-        print(f"[{name}] round: ours float32 {n / t_ours[-1]:.2f}, ours bfloat16 {n / t_bf16[-1]:.2f}, "
-              f"pytorch best {n / t_best[-1]:.2f} pairs/s", flush=True)
+        bf16_round = f"ours bfloat16 {n / t_bf16[-1]:.2f}, " if ours_bf16 is not None else ""
+        print(f"[{name}] round: ours float32 {n / t_ours[-1]:.2f}, {bf16_round}pytorch best {n / t_best[-1]:.2f} "
+              "pairs/s", flush=True)
     t_ours, t_bf16, t_best = min(t_ours), min(t_bf16), min(t_best)
 
     start = time.perf_counter()
@@ -271,15 +273,11 @@ def compare(name: str, ours, tpairs, torch_fn, flops: float, peak: float, ours_b
 def main(argv):
     del argv
     import jax
-    import numpy as np
     import torch
     import transformers
 
-    from umr_jax import sharding, teacher
-    from umr_jax.models import gemma_weights, t5_weights
-    from umr_jax.models.hf_checkpoint import default_e5_tokenizer_file, load_tokenizer
+    from umr_jax import sharding
     from umr_jax.models.layers import resolve_auto_dtype
-    from umr_jax.models.t5 import T5Config
 
     torch.set_num_threads(os.cpu_count() or 1)
     mesh = sharding.make_mesh((-1, 1))
@@ -293,7 +291,31 @@ def main(argv):
     print(f"machine: {machine('auto = ' + resolve_auto_dtype('auto') + '; ours timed in float32 and in auto')}",
           flush=True)
 
-    # --- Gemma-3-270M, real weights ---
+    results = {}
+    if not _SKIP_GEMMA.value:
+        results["gemma"] = bench_gemma(raw, mesh, peak)
+    if not _SKIP_MT5.value:
+        results["mt5"] = bench_mt5(raw, mesh, peak)
+    if "mt5" in results:
+        m = results["mt5"]
+        print(f"mt5_small_speedup_vs_pytorch_official: {m['ours'] / m['official']:.2f}")
+        print(f"mt5_small_speedup_vs_pytorch: {m['ours'] / m['best']:.2f}")
+    if "gemma" in results:
+        g = results["gemma"]
+        print(f"score_speedup_vs_pytorch_official: {g['ours'] / g['official']:.2f}")
+        print(f"score_speedup_vs_pytorch: {g['ours'] / g['best']:.2f}")
+
+
+def bench_gemma(raw: Pairs, mesh, peak: float) -> dict:
+    """Gemma-3-270M with its real weights: ours float32 (and bfloat16 where `auto` picks it) vs PyTorch."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from umr_jax import teacher
+    from umr_jax.models import gemma_weights
+    from umr_jax.models.layers import resolve_auto_dtype
+
     cfg = teacher.default_config()
     if _TOKENS.value:
         cfg.tokens_per_batch = _TOKENS.value
@@ -325,33 +347,49 @@ def main(argv):
     def gemma_torch(order, bs, full_logits, autocast=False):
         return torch_decoder_scores(ref, tpairs, order, bs, pad, full_logits, autocast)
 
-    g = compare("gemma", gemma, tpairs, gemma_torch, gemma_flops(tpairs, gemma.model.config), peak, gemma_bf16)
+    return compare("gemma", gemma, tpairs, gemma_torch, gemma_flops(tpairs, gemma.model.config), peak, gemma_bf16)
 
-    if not _SKIP_MT5.value:
-        tokenizer = load_tokenizer(default_e5_tokenizer_file())
-        t5_ref = transformers.MT5ForConditionalGeneration(transformers.MT5Config(**MT5_SMALL)).eval()
-        # A real (untied) mT5 layout: a head of its own, not the shared embedding.
-        t5_ref.lm_head.weight = torch.nn.Parameter(torch.randn_like(t5_ref.shared.weight) * 0.05)
-        config = T5Config(**MT5_SMALL)
-        model = t5_weights.build_mt5(config, seed=0, random_init=False)
-        t5_weights.load_hf_weights(model, {k: v.detach().numpy() for k, v in t5_ref.state_dict().items()},
-                                   "random mT5-small")
-        t5_cfg = teacher.default_config()
-        t5_cfg.model = "mt5"
-        if _TOKENS.value:
-            t5_cfg.tokens_per_batch = _TOKENS.value
-        t5 = teacher.Teacher(model, tokenizer, t5_cfg, mesh)
-        t5_pairs = t5.tokenize(raw.queries, raw.passages, raw.languages)
 
-        def t5_torch(order, bs, full_logits, autocast=False):
-            return torch_seq2seq_scores(t5_ref, t5_pairs, order, bs, t5.pad_id, config.decoder_start_token_id,
-                                        full_logits, autocast)
+def bench_mt5(raw: Pairs, mesh, peak: float) -> dict:
+    """A random mT5-small-shaped model: ours float32 (and bfloat16 where `auto` picks it) vs PyTorch."""
+    import torch
+    import transformers
 
-        m = compare("mt5-small", t5, t5_pairs, t5_torch, t5_flops(t5_pairs, config), peak)
-        print(f"mt5_small_speedup_vs_pytorch_official: {m['ours'] / m['official']:.2f}")
-        print(f"mt5_small_speedup_vs_pytorch: {m['ours'] / m['best']:.2f}")
-    print(f"score_speedup_vs_pytorch_official: {g['ours'] / g['official']:.2f}")
-    print(f"score_speedup_vs_pytorch: {g['ours'] / g['best']:.2f}")
+    from umr_jax import teacher
+    from umr_jax.models import t5_weights
+    from umr_jax.models.hf_checkpoint import default_e5_tokenizer_file, load_tokenizer
+    from umr_jax.models.layers import resolve_auto_dtype
+    from umr_jax.models.t5 import T5Config
+
+    tokenizer = load_tokenizer(default_e5_tokenizer_file())
+    t5_ref = transformers.MT5ForConditionalGeneration(transformers.MT5Config(**MT5_SMALL)).eval()
+    # A real (untied) mT5 layout: a head of its own, not the shared embedding.
+    t5_ref.lm_head.weight = torch.nn.Parameter(torch.randn_like(t5_ref.shared.weight) * 0.05)
+    weights = {k: v.detach().numpy() for k, v in t5_ref.state_dict().items()}
+    config = T5Config(**MT5_SMALL)
+    cfg = teacher.default_config()
+    cfg.model = "mt5"
+    if _TOKENS.value:
+        cfg.tokens_per_batch = _TOKENS.value
+    default_dtype = resolve_auto_dtype(cfg.dtype)
+    print(f"mt5-small: the default config computes in {default_dtype} on this machine", flush=True)
+
+    def ours(dtype: str):
+        model = t5_weights.build_mt5(config, param_dtype=dtype, dtype=dtype, seed=0, random_init=False)
+        t5_weights.load_hf_weights(model, weights, "random mT5-small")
+        run_cfg = cfg.copy_and_resolve_references()
+        run_cfg.param_dtype = run_cfg.dtype = dtype
+        return teacher.Teacher(model, tokenizer, run_cfg, mesh)
+
+    t5 = ours("float32")
+    t5_bf16 = ours("bfloat16") if default_dtype == "bfloat16" else None
+    t5_pairs = t5.tokenize(raw.queries, raw.passages, raw.languages)
+
+    def t5_torch(order, bs, full_logits, autocast=False):
+        return torch_seq2seq_scores(t5_ref, t5_pairs, order, bs, t5.pad_id, config.decoder_start_token_id,
+                                    full_logits, autocast)
+
+    return compare("mt5-small", t5, t5_pairs, t5_torch, t5_flops(t5_pairs, config), peak, t5_bf16)
 
 
 if __name__ == "__main__":

@@ -342,3 +342,15 @@ def test_real_gemma_prefers_each_querys_own_passage(lang, real_gemma, shared_dat
     assert ours.cfg.reduction == "mean" and np.isfinite(scores).all()
     assert np.array_equal(scores.argmax(1), np.arange(n)), f"{lang}: teacher scores\n{scores}"
 
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ({"avx2", "fma"}, "float32"),  # the AVX2-only EPYC: no bf16 units at all
+    ({"avx512f", "avx512_bf16"}, "float32"),  # AVX512-BF16 without AMX: XLA's bf16 dots run at half the f32 rate
+    ({"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "bfloat16"),
+])
+def test_auto_dtype_is_bfloat16_only_with_amx_on_cpu(monkeypatch, flags, expected):
+    from umr_jax.models import layers
+    monkeypatch.setattr(layers, "cpu_flags", lambda: frozenset(flags))
+    assert layers.resolve_auto_dtype("auto") == expected
+    assert layers.resolve_auto_dtype("float32") == "float32"

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from umr_jax.models.layers import annotated, mixed_dot, random_param, resolve_dtype
+from umr_jax.models.layers import annotated, mixed_dot, random_param, resolve_dtype, softmax_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,21 +139,25 @@ class SelfAttention(nnx.Module):
         self.attn_dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, rngs=rngs)
         self.out_dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
 
-    def _project(self, x: jax.Array, name: str) -> jax.Array:
-        # Straight into (batch, heads, length, head_dim): the attention
-        # matmuls below then batch over leading dimensions, which XLA runs
-        # without transposes (about 3x faster on CPU than a (b, t, h, d) layout).
-        bias = getattr(self, f"{name}_bias")[...].astype(self.dtype)
-        return mixed_dot("bte,ehd->bhtd", x, getattr(self, f"{name}_kernel")[...], self.dtype) + bias[None, :, None, :]
+    def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values as (batch, heads, length, head_dim).
+
+        Each is a plain (tokens, heads * head_dim) product, then transposed:
+        XLA's CPU backend ran the "bte,ehd->bhtd" product, whose output it lays
+        out transposed, at ~60% of its matmul rate (e5-small, float32; the
+        encoder forward is 7% faster this way). The (b, h, t, d) layout lets
+        the attention matmuls batch over leading dimensions.
+        """
+        q, k, v = ((mixed_dot("bte,ehd->bthd", x, getattr(self, f"{n}_kernel")[...], self.dtype)
+                    + getattr(self, f"{n}_bias")[...].astype(self.dtype)).transpose(0, 2, 1, 3)
+                   for n in ("query", "key", "value"))
+        return q * jnp.asarray(self.scale, self.dtype), k, v
 
     def __call__(self, x: jax.Array, bias: jax.Array, *, deterministic: bool) -> jax.Array:
-        q = self._project(x, "query") * jnp.asarray(self.scale, self.dtype)
-        k = self._project(x, "key")
-        v = self._project(x, "value")
+        q, k, v = self._project(x)
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits + bias, axis=-1).astype(self.dtype)
-        probs = self.attn_dropout(probs, deterministic=deterministic)
-        ctx = mixed_dot("bhqk,bhkd->bhqd", probs, v, self.dtype)
+        ctx = softmax_attention(logits + bias, v, "bhqk,bhkd->bhqd", self.dtype,
+                                lambda w: self.attn_dropout(w, deterministic=deterministic))
         out = mixed_dot("bhqd,hde->bqe", ctx, self.out_kernel[...], self.dtype)
         out = out + self.out_bias[...].astype(self.dtype)
         return self.out_dropout(out, deterministic=deterministic)

@@ -39,7 +39,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from umr_jax.models.layers import RMSNorm, mixed_dot, random_param, resolve_dtype
+from umr_jax.models.layers import RMSNorm, mixed_dot, random_param, resolve_dtype, softmax_attention
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 MODEL_TYPES = ("gemma3_text", "gemma3")
@@ -324,8 +324,7 @@ class Attention(nnx.Module):
         # Query head j uses key/value head j // groups (HF's repeat_kv order).
         q = q.reshape(b, self.num_kv_heads, self.groups, t, d)
         logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * self.scale
-        probs = jax.nn.softmax(logits + bias, axis=-1).astype(dt)
-        ctx = mixed_dot("bkgqs,bksd->bkgqd", probs, v, dt).reshape(b, n, t, d)
+        ctx = softmax_attention(logits + bias, v, "bkgqs,bksd->bkgqd", dt).reshape(b, n, t, d)
         return mixed_dot("bhqd,hde->bqe", ctx, self.o_kernel[...], dt)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array) -> jax.Array:

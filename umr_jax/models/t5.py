@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from umr_jax.models.layers import RMSNorm, mixed_dot, random_param, resolve_dtype
+from umr_jax.models.layers import RMSNorm, mixed_dot, random_param, resolve_dtype, softmax_attention
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -329,9 +329,8 @@ class Attention(nnx.Module):
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) + mask_bias
         if position_bias is not None:
             logits = logits + position_bias
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        probs = self.attn_dropout(probs, deterministic=deterministic)
-        ctx = mixed_dot("bhqk,bhkd->bhqd", probs, v, self.dtype)
+        ctx = softmax_attention(logits, v, "bhqk,bhkd->bhqd", self.dtype,
+                                lambda w: self.attn_dropout(w, deterministic=deterministic))
         return mixed_dot("bhqd,hde->bqe", ctx, self.o_kernel[...], self.dtype)
 
     def query(self, x: jax.Array) -> jax.Array:

@@ -307,11 +307,11 @@ class Attention(nnx.Module):
     def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Normed, rotated queries and keys, and values, as (batch, heads, length, head_dim)."""
         dt = self.dtype
-        # (batch, heads, length, head_dim): the attention einsums then batch
-        # over leading dimensions without transposes.
-        q = mixed_dot("bte,ehd->bhtd", x, self.q_kernel[...], dt)
-        k = mixed_dot("bte,ehd->bhtd", x, self.k_kernel[...], dt)
-        v = mixed_dot("bte,ehd->bhtd", x, self.v_kernel[...], dt)
+        # Plain (tokens, heads * head_dim) products, then (batch, heads, length,
+        # head_dim) for the attention einsums to batch over leading dimensions
+        # (see bert.SelfAttention._project).
+        q, k, v = (mixed_dot("bte,ehd->bthd", x, kernel[...], dt).transpose(0, 2, 1, 3)
+                   for kernel in (self.q_kernel, self.k_kernel, self.v_kernel))
         q = self.q_norm(q)
         k = self.k_norm(k)
         q = q * cos + _rotate_half(q) * sin

@@ -309,9 +309,9 @@ class Attention(nnx.Module):
         return jnp.take(per_distance, index, axis=0).transpose(0, 3, 1, 2)
 
     def _project(self, x: jax.Array, kernel: nnx.Param) -> jax.Array:
-        # Straight into (batch, heads, length, head_dim), as in bert.py: the
-        # attention matmuls then batch over leading dimensions without transposes.
-        return mixed_dot("bte,ehd->bhtd", x, kernel[...], self.dtype)
+        # A plain (tokens, heads * d_kv) product, then (batch, heads, length,
+        # d_kv) for the attention matmuls, as in bert.SelfAttention._project.
+        return mixed_dot("bte,ehd->bthd", x, kernel[...], self.dtype).transpose(0, 2, 1, 3)
 
     def __call__(self, x: jax.Array, context: jax.Array, position_bias: jax.Array | None, mask_bias: jax.Array,
                  *, deterministic: bool) -> jax.Array:

@@ -18,6 +18,14 @@ Expected (the paper, Huang et al. 2024): XOR-Retrieve dev R@5kt 48.0 averaged
 over the 7 languages after the rounds (and 44.9 F1 on XOR-Full with a reader,
 out of scope here). Not yet reproduced with this code: the 13 GB corpus and
 mT5-XL are not available on our CPU machines.
+
+As the official code (MiuLab/UMR's DPR scripts): questions and passages are cut
+at 256 tokens, and training questions lose one trailing "?" (DPR's
+normalize_question; retrieval and evaluation see them whole). Still different
+from it (docs/algorithm.md, "Details of the official code"): the passage input
+(DPR reads a [CLS] title [SEP] text [SEP] pair) and the best-dev-rank checkpoint
+selection. Gradients are scaled by 1/8 before clipping, as the official
+grad-cache path does in a single process (train.grad_scale).
 """
 
 from umr_jax import run_config
@@ -30,7 +38,7 @@ def get_config():
     cfg.k = 100
     cfg.eval_k = 100
     cfg.mesh_shape = (-1, 4)  # mT5-XL's heads, MLP and vocabulary split over 4 chips
-    cfg.retriever.max_query_length = 64
+    cfg.retriever.max_query_length = 256  # DPR's --sequence_length, for questions and passages alike
     cfg.retriever.max_passage_length = 256
     cfg.retriever.dtype = "bfloat16"  # mixed precision: float32 parameters, bfloat16 compute
     cfg.retriever.tokens_per_batch = 65536
@@ -43,10 +51,14 @@ def get_config():
     cfg.train.passages_per_query = 16
     cfg.train.temperature = 10.0
     cfg.train.student_scale = 1.0
+    cfg.train.strip_question_mark = True  # DPR's normalize_question on training questions, as officially
     cfg.train.epochs = 10.0
     cfg.train.learning_rate = 2e-5
     cfg.train.warmup_steps = 1237
     cfg.train.max_grad_norm = 2.0
+    # As the official grad-cache path of the UMR README's single-process command (world size 1):
+    # gradients x world_size / 8 = 1/8 before clipping at 2.0. 1.0 clips the gradients themselves.
+    cfg.train.grad_scale = 0.125
     cfg.train.query_buckets = (32, 64)
     cfg.train.pack_row_length = 256  # passages packed into rows of the max passage length
     cfg.train.passage_buckets = (128, 192, 256)  # used with train.packing=False

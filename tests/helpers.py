@@ -98,12 +98,17 @@ def padded_batch(seed: int = 0, batch: int = 8, length: int = 24, vocab: int = 1
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def tiny_config():
-    """configs/tiny.py's ConfigDict."""
-    spec = importlib.util.spec_from_file_location("tiny", ROOT / "configs" / "tiny.py")
+def repo_config(name: str):
+    """configs/<name>.py's ConfigDict."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def tiny_config():
+    """configs/tiny.py's ConfigDict."""
+    return repo_config("tiny")
 
 
 def run_tiny(workdir: pathlib.Path, *flags: str, env: dict | None = None) -> subprocess.CompletedProcess:

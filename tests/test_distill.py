@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import TINY
+from helpers import TINY, repo_config
 from umr_jax import distill, sharding
 from umr_jax.models.bert import BertConfig, BertEncoder, DualEncoder
 
@@ -234,3 +234,43 @@ def test_packing_plan_fits_every_step_and_is_a_multiple_of_the_devices():
             assert (segments[row] == segment + 1).sum() == len(data.passage_tokens[passage])
     with pytest.raises(ValueError, match=r"train\.pack_row_length=16 is shorter than a training passage"):
         distill.make_batch(data, 0, tiny_config(packing=True, pack_row_length=16), 0, 0)
+
+
+def test_training_question_drops_one_ascii_question_mark_only_when_asked():
+    cfg = distill.default_config()
+    assert distill.training_question("Who wrote it?", cfg) == "Who wrote it?"  # off by default
+    cfg.strip_question_mark = True
+    # As DPR's normalize_question: one trailing ASCII "?", nothing else.
+    assert distill.training_question("Who wrote it?", cfg) == "Who wrote it"
+    assert distill.training_question("Why??", cfg) == "Why?"
+    assert distill.training_question("من كتبها؟", cfg) == "من كتبها؟"
+    assert distill.training_question("誰が書いた？", cfg) == "誰が書いた？"
+    assert distill.training_question("What? no", cfg) == "What? no"
+
+
+def test_the_paper_config_follows_the_official_query_length_question_marks_and_gradient_scale():
+    cfg = repo_config("xor")
+    assert cfg.retriever.max_query_length == cfg.retriever.max_passage_length == 256
+    assert cfg.train.strip_question_mark
+    assert cfg.train.grad_scale == 1 / 8 and cfg.train.max_grad_norm == 2.0  # official grad cache, world size 1
+
+
+def test_grad_scale_before_clipping_equals_clipping_at_the_scaled_threshold():
+    """The official grad-cache scale (world_size / 8) then clipping at c is clipping at c * 8 under AdamW."""
+    params = {"w": jax.numpy.zeros(4)}
+    grads = [{"w": jax.numpy.asarray(v)} for v in ([0.5, 0.5, 0.0, 0.0], [3.0, -4.0, 0.0, 0.0], [0.0, 30.0, 40.0, 0.0])]
+
+    def updates(grad_scale: float, max_norm: float):
+        cfg = distill.default_config()
+        cfg.update(grad_scale=grad_scale, max_grad_norm=max_norm, adam_eps=1e-12, weight_decay=0.0, warmup_steps=0)
+        tx, _ = distill.make_optimizer(cfg, 10)
+        state, out = tx.init(params), []
+        for g in grads:
+            u, state = tx.update(g, state, params)
+            out.append(np.asarray(u["w"]))
+        return np.stack(out)
+
+    scaled = updates(0.125, 2.0)
+    np.testing.assert_allclose(scaled, updates(1.0, 16.0), rtol=1e-5, atol=1e-12)
+    assert not np.allclose(scaled, updates(1.0, 2.0), rtol=1e-3)  # the scale is not ignored
+    assert len(distill.make_optimizer(distill.default_config(), 10)[0].init(params)) == 2  # no scale stage at 1.0

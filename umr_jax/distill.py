@@ -58,6 +58,11 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.weight_decay = 0.0
     cfg.warmup_steps = 1237  # linear warmup, then linear decay to 0 (capped at the total steps)
     cfg.max_grad_norm = 2.0
+    # Gradients are multiplied by this before clipping. The official grad-cache
+    # path multiplies them by world_size / 8 (1/8 for the UMR README's
+    # single-process command): with AdamW, which ignores a constant scale, that
+    # amounts to clipping at max_grad_norm / grad_scale.
+    cfg.grad_scale = 1.0
     # Parameter names (path parts) to keep fixed, e.g. ('word',) for the word
     # embeddings: 250k-row tables are most of a multilingual encoder's
     # parameters, and on a CPU their dense gradients and Adam updates cost more
@@ -67,6 +72,10 @@ def default_config() -> ml_collections.ConfigDict:
     # this many parts whose gradients are averaged. In-batch negatives are then
     # those of each micro-batch.
     cfg.accumulation_steps = 1
+    # Drop one trailing ASCII "?" from training questions, as the official
+    # code's DPR biencoder does (normalize_question) when it builds training
+    # batches; retrieval and evaluation use the questions as they are.
+    cfg.strip_question_mark = False
     # Padded lengths (one compiled program per (query, passage) bucket pair).
     cfg.query_buckets = (32, 64)
     cfg.passage_buckets = (64, 128, 256)  # with packing=False
@@ -84,6 +93,11 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.checkpoints_to_keep = 2
     cfg.log_every = 10  # steps between TensorBoard / log lines
     return cfg
+
+
+def training_question(text: str, cfg: ml_collections.ConfigDict) -> str:
+    """A training question as the student's query tower sees it (see `strip_question_mark`)."""
+    return text[:-1] if cfg.get("strip_question_mark", False) and text.endswith("?") else text
 
 
 def validate_config(cfg: ml_collections.ConfigDict, k: int) -> None:
@@ -138,13 +152,15 @@ def batch_loss(model: nnx.Module, micro: dict[str, jax.Array], cfg: ml_collectio
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation,
                                                                              optax.Schedule]:
-    """AdamW with linear warmup and linear decay to zero, after global-norm clipping."""
+    """AdamW with linear warmup and linear decay to zero, after global-norm clipping (of the scaled gradients)."""
     warmup = min(int(cfg.warmup_steps), max(total_steps - 1, 0))
     schedule = optax.join_schedules([
         optax.linear_schedule(0.0, cfg.learning_rate, max(warmup, 1)),
         optax.linear_schedule(cfg.learning_rate, 0.0, max(total_steps - warmup, 1)),
     ], [warmup]) if warmup else optax.linear_schedule(cfg.learning_rate, 0.0, max(total_steps, 1))
-    tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm),
+    scale = float(cfg.get("grad_scale", 1.0))
+    # No scale stage at 1.0: the optimizer state (and so its checkpoints) keep their structure.
+    tx = optax.chain(*([optax.scale(scale)] if scale != 1.0 else []), optax.clip_by_global_norm(cfg.max_grad_norm),
                      optax.adamw(schedule, eps=cfg.adam_eps, weight_decay=cfg.weight_decay))
     return tx, schedule
 

@@ -410,7 +410,8 @@ class Run:
         template = self.cfg.encode.passage_template
         queries = {q.id: q for q in self.task.train_queries}
         return distill.TrainingSet(
-            query_tokens=self.retriever.tokenize([queries[x.query_id].text for x in rankings], "query"),
+            query_tokens=self.retriever.tokenize(
+                [distill.training_question(queries[x.query_id].text, self.cfg.train) for x in rankings], "query"),
             passage_tokens=self.retriever.tokenize([encode.format_passage(texts[p], template) for p in passage_ids],
                                                    "passage"),
             candidates=np.array([[position[p] for p in x.passage_ids[:k]] for x in rankings], np.int64),

@@ -53,7 +53,9 @@ def mcontriever() -> ml_collections.ConfigDict:
     cfg.pooling = "mean"
     cfg.normalize = False
     cfg.query_prefix = cfg.passage_prefix = ""
-    cfg.max_passage_length = 256  # DPR's sequence length, which the official UMR code trains with
+    # DPR's --sequence_length 256, which the official UMR code encodes and trains with: its tensorizer
+    # truncates questions and passages alike.
+    cfg.max_query_length = cfg.max_passage_length = 256
     return cfg
 
 

@@ -68,3 +68,54 @@ def test_xor_retrieve_recall_official_semantics():
     assert table["ar"] == {"R@2kt": 50.0, "R@5kt": 50.0}
     assert table["ja"] == {"R@2kt": 50.0, "R@5kt": 50.0}
     assert table["avg"]["R@5kt"] == 50.0
+
+
+# Traced by hand through evaluate_top_k_hit of the official eval_xor_retrieve.py (AkariAsai/XORQA,
+# copied into MiuLab/UMR's evals/): per prediction, skip ids without gold answers; drop "yes"/"no"
+# answers and skip the question if none is left; count it; then for each retrieved passage text in
+# rank order append nltk.word_tokenize(text) to the tokens and stop once there are >= max tokens; cut
+# to max tokens; join with single spaces; hit if any answer is a substring of that string. R@{2,5}kt
+# of a language = hits / count * 100; languages with no counted question are not reported; the
+# headline is the mean over languages.
+R_AT_KT_FIXTURE = {
+    # id: (language, retrieved passage texts, gold answers, expected (R@2kt, R@5kt))
+    "q1": ("ar", ["The capital is Paris."], ["Paris"], (100.0, 100.0)),  # "... Paris ." contains it
+    "q2": ("ar", ["I don't know."], ["don't"], (0.0, 0.0)),  # tokens "do n't": the string is "I do n't know ."
+    "q3": ("ar", ["yes"], ["yes", "no"], None),  # yes/no only: not counted
+    "q4": ("ja", ["w " * 1999 + "x", "Tokyo Tower"], ["Tokyo"], (0.0, 100.0)),  # passage 1 fills 2,000 tokens
+    "q5": ("ja", ["Parisian food"], ["Paris"], (100.0, 100.0)),  # a substring, not a word match
+    "q6": ("ja", ["New York, USA"], ["York, USA"], (0.0, 0.0)),  # "New York , USA"
+    "q7": ("ja", ['"Quoted" text'], ['"Quoted"'], (0.0, 0.0)),  # quotes become `` and ''
+    "q8": ("ko", ["no"], ["no"], None),  # ko has no counted question: not reported
+}
+OFFICIAL_TOKENS = {  # nltk.word_tokenize with the English Punkt model, for the fixture's texts
+    "The capital is Paris.": ["The", "capital", "is", "Paris", "."],
+    "I don't know.": ["I", "do", "n't", "know", "."],
+    "Parisian food": ["Parisian", "food"],
+    "New York, USA": ["New", "York", ",", "USA"],
+    '"Quoted" text': ["``", "Quoted", "''", "text"],
+}
+
+
+def test_r_at_kt_fixture_traced_through_the_official_script():
+    from umr_jax.evaluate import xor_retrieve_per_query
+    contexts = {q: texts for q, (_, texts, _, _) in R_AT_KT_FIXTURE.items()}
+    answers = {q: golds for q, (_, _, golds, _) in R_AT_KT_FIXTURE.items()}
+    langs = {q: lang for q, (lang, _, _, _) in R_AT_KT_FIXTURE.items()}
+    per_query = xor_retrieve_per_query(contexts, answers)
+    assert {q: (row["R@2kt"], row["R@5kt"]) for q, row in per_query.items()} == {
+        q: expected for q, (_, _, _, expected) in R_AT_KT_FIXTURE.items() if expected is not None}
+    table = by_language(per_query, langs)
+    assert table["ar"] == {"R@2kt": 50.0, "R@5kt": 50.0}
+    assert table["ja"] == {"R@2kt": 25.0, "R@5kt": 50.0}
+    assert "ko" not in table
+    assert table["avg"] == {"R@2kt": 37.5, "R@5kt": 50.0}
+
+
+def test_the_r_at_kt_tokenizer_agrees_with_the_official_one_on_the_fixture():
+    """Without nltk's punkt_tab data (no registry package ships it) R@kt falls back to an untrained
+    Punkt sentence splitter; on the fixture's texts it gives the official tokens."""
+    from umr_jax.evaluate import _word_tokenizer
+    tokenize = _word_tokenizer()
+    assert {text: tokenize(text) for text in OFFICIAL_TOKENS} == OFFICIAL_TOKENS
+    assert len(tokenize("w " * 1999 + "x")) == 2000

@@ -80,3 +80,9 @@ def test_xor_retrieve_task_scores_rankings_over_a_tsv_corpus(shared_data, tmp_pa
     same_language = [q for q in task.dev_queries if spans[q.id] and q.lang == hit.lang]
     assert table[hit.lang]["R@2kt"] == pytest.approx(100.0 / len(same_language))
     assert all(row["R@5kt"] == 0 for lang, row in table.items() if lang not in (hit.lang, "avg"))
+    # The title is not read: an answer only in the title is a miss, as in the official evaluation.
+    (tmp_path / "corpus.tsv").write_text("id\ttext\ttitle\np0\tnothing relevant here\tA\n"
+                                         f"p2\tnot in this text\t{spans[hit.id][0]}\n")
+    task = tasks.build_task("xor_retrieve", cfg)
+    title_only = [run_files.Ranking(q.id, q.lang, ["p2", "p0"], [1.0, 0.0]) for q in task.dev_queries]
+    assert all(row["R@5kt"] == 0 for row in task.evaluate(title_only).values())

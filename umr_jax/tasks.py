@@ -230,8 +230,9 @@ def xor_retrieve_task(cfg: ml_collections.ConfigDict) -> Task:
 
     def score_queries(rankings: Sequence[run_files.Ranking], queries: Sequence[Query]) -> PerQuery:
         texts = task.lookup(sorted({p for r in rankings for p in r.passage_ids}))
-        contexts = {r.query_id: [f"{texts[p].title} {texts[p].text}".strip() for p in r.passage_ids]
-                    for r in rankings}
+        # Passage text only, as the official evaluation reads it: MiuLab/UMR's dense_retriever writes
+        # ctxs = [ctx["text"]] for eval_xor_retrieve.py, whose token cut then counts no titles.
+        contexts = {r.query_id: [texts[p].text for p in r.passage_ids] for r in rankings}
         return evaluate.xor_retrieve_per_query(contexts, {q.id: answers[q.id] for q in queries})
 
     task.score_queries = score_queries

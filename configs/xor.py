@@ -19,13 +19,14 @@ over the 7 languages after the rounds (and 44.9 F1 on XOR-Full with a reader,
 out of scope here). Not yet reproduced with this code: the 13 GB corpus and
 mT5-XL are not available on our CPU machines.
 
-As the official code (MiuLab/UMR's DPR scripts): questions and passages are cut
-at 256 tokens, and training questions lose one trailing "?" (DPR's
-normalize_question; retrieval and evaluation see them whole). Still different
-from it (docs/algorithm.md, "Details of the official code"): the passage input
-(DPR reads a [CLS] title [SEP] text [SEP] pair) and the best-dev-rank checkpoint
-selection. Gradients are scaled by 1/8 before clipping, as the official
-grad-cache path does in a single process (train.grad_scale).
+As the official code (MiuLab/UMR's DPR scripts): passages are read as DPR's
+text pair [CLS] title [SEP] text [SEP] (an untitled passage as its text alone),
+questions and passages are cut at 256 tokens, training questions lose one
+trailing "?" (DPR's normalize_question; retrieval and evaluation see them
+whole), and gradients are scaled by 1/8 before clipping, as the official
+grad-cache path does in a single process (train.grad_scale). Still different
+from it (docs/algorithm.md, "Details of the official code"): the checkpoint
+kept is the last, not the one with the best dev average rank.
 """
 
 from umr_jax import run_config
@@ -43,6 +44,7 @@ def get_config():
     cfg.retriever.dtype = "bfloat16"  # mixed precision: float32 parameters, bfloat16 compute
     cfg.retriever.tokens_per_batch = 65536
     cfg.encode.chunk_size = 500_000
+    cfg.encode.passage_template = "{title}{sep}{text}"  # DPR's text pair: [CLS] title [SEP] text [SEP]
     cfg.index.backend = "exact"  # as the official code; 'scann' for a faster approximate search
     cfg.teacher.param_dtype = cfg.teacher.dtype = "bfloat16"
     cfg.teacher.tokens_per_batch = 65536

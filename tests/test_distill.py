@@ -274,3 +274,7 @@ def test_grad_scale_before_clipping_equals_clipping_at_the_scaled_threshold():
     np.testing.assert_allclose(scaled, updates(1.0, 16.0), rtol=1e-5, atol=1e-12)
     assert not np.allclose(scaled, updates(1.0, 2.0), rtol=1e-3)  # the scale is not ignored
     assert len(distill.make_optimizer(distill.default_config(), 10)[0].init(params)) == 2  # no scale stage at 1.0
+
+
+def test_the_paper_config_reads_passages_as_dpr_text_pairs():
+    assert repo_config("xor").encode.passage_template == "{title}{sep}{text}"

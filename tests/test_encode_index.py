@@ -165,3 +165,32 @@ def test_run_files_round_trip(tmp_path):
     assert run_files.read_jsonl(tmp_path / "run.jsonl") == ranks
     assert (tmp_path / "run.trec").read_text().splitlines()[:2] == ["q1 Q0 pc 1 0.900000 t", "q1 Q0 pa 2 0.500000 t"]
     assert run_files.as_run(ranks, k=1) == {"q1": ["pc"], "q2": ["pb"]}
+
+
+def test_dpr_pair_template_gives_the_official_tensorizer_token_ids(tmp_path):
+    """"{title}{sep}{text}" through our tokenize path == DPR's BertTensorizer.text_to_tensor (MiuLab/UMR's
+    dpr/models/hf_models.py): tokenizer.encode(title, text_pair=text.strip(), max_length, truncation=True),
+    or encode(text) for an untitled passage; a WordPiece vocabulary stands in for mBERT's."""
+    import transformers
+
+    from umr_jax.data.readers import Passage
+    from umr_jax.encode import format_passage
+    words = ["the", "river", "flows", "north", "city", "of", "paris", "berlin", "##s", "is", "a", "capital",
+             "in", "europe", ",", ".", "(", ")", "1999", "x"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    max_length = 16
+    passages = [Passage("a", "The river flows north.", "Paris"),
+                Passage("b", "Berlin is a capital in Europe, " * 5, "Berlin (city)"),  # truncated text
+                Passage("c", "  the city of rivers  ", ""),  # untitled: the text alone
+                Passage("d", "x 1999", "the capital of the river city")]
+    ours = tokenizer([format_passage(p, "{title}{sep}{text}", tokenizer.sep_token) for p in passages],
+                     truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+    dpr = [tokenizer.encode(p.title, text_pair=p.text.strip(), add_special_tokens=True, max_length=max_length,
+                            truncation=True) if p.title else
+           tokenizer.encode(p.text.strip(), add_special_tokens=True, max_length=max_length, truncation=True)
+           for p in passages]
+    assert ours == dpr
+    assert ours[0].count(tokenizer.sep_token_id) == 2 and len(ours[1]) == max_length
+    with pytest.raises(ValueError, match="separator"):
+        format_passage(passages[0], "{title}{sep}{text}", "")

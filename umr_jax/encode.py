@@ -34,7 +34,9 @@ from umr_jax.data.readers import OnError, Passage, ReadReport, check_on_error, i
 def default_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.chunk_size = 100_000  # passages per on-disk chunk: the unit of resumption
-    cfg.passage_template = "{title} {text}"  # Contriever/DPR join title and text with a space
+    # How title and text form the encoder input (see format_passage): "{title} {text}" joins them
+    # with a space, as Contriever's own scripts; "{title}{sep}{text}" is DPR's text pair.
+    cfg.passage_template = "{title} {text}"
     cfg.on_error = "raise"  # bad corpus lines: 'raise' (file:line error) or 'skip' (counted)
     cfg.dtype = "float32"  # on-disk embedding dtype ('float16' halves 21M x 768 to 32 GB)
     return cfg
@@ -44,8 +46,22 @@ class StoreError(RuntimeError):
     pass
 
 
-def format_passage(p: Passage, template: str) -> str:
-    return template.format(title=p.title, text=p.text).strip()
+def format_passage(p: Passage, template: str, separator: str = "") -> str:
+    """The encoder's input text of a passage: `template` with fields {title}, {text} and {sep}.
+
+    {sep} is the tokenizer's separator token between spaces when the passage
+    has a title, and nothing when it has none, so "{title}{sep}{text}" with a
+    BERT tokenizer (whose "[SEP]" in text is its special token) gives DPR's
+    text pair, [CLS] title [SEP] text [SEP], and an untitled passage its text
+    alone, as DPR's tensorizer encodes them (the official UMR code's passage
+    input). Truncation then cuts the text's tail, as DPR's longest-first
+    truncation does unless the title is the longer part.
+    """
+    if "{sep}" in template and not separator:
+        raise ValueError(f"encode.passage_template {template!r} uses {{sep}}, but the retriever's tokenizer "
+                         "has no separator token")
+    sep = f" {separator} " if p.title else ""
+    return template.format(title=p.title, text=p.text, sep=sep).strip()
 
 
 @dataclasses.dataclass
@@ -186,8 +202,8 @@ def list_chunks(passages: Sequence[Passage], chunk_size: int, process_index: int
 
 
 def encode_corpus(encode: Callable[..., np.ndarray], source: ChunkSource, out_dir: str, *,
-                  template: str = "{title} {text}", dtype: str = "float32", process_index: int = 0,
-                  process_count: int = 1, desc: str = "encode corpus") -> EmbeddingStore:
+                  template: str = "{title} {text}", separator: str = "", dtype: str = "float32",
+                  process_index: int = 0, process_count: int = 1, desc: str = "encode corpus") -> EmbeddingStore:
     """Encodes every chunk of `source` not yet committed in `out_dir`.
 
     `encode(texts, bar=...)` returns (len(texts), dim) embeddings, e.g.
@@ -203,7 +219,7 @@ def encode_corpus(encode: Callable[..., np.ndarray], source: ChunkSource, out_di
     start, encoded, last_chunk = time.perf_counter(), 0, -1
     with tqdm(desc=desc, unit="passage", smoothing=0.05, dynamic_ncols=True) as bar:
         for chunk, passages, report in source(done):
-            texts = [format_passage(p, template) for p in passages]
+            texts = [format_passage(p, template, separator) for p in passages]
             emb = encode(texts, bar=bar) if texts else np.zeros((0, 0), np.float32)
             faults.point("encode.chunk_encoded")
             store.write_chunk(chunk, [p.id for p in passages], emb.astype(dtype, copy=False), report)
@@ -225,14 +241,16 @@ def encode_corpus_file(retriever, path: str, out_dir: str, cfg: ml_collections.C
     """The corpus-encoding stage of a round, for a corpus file (DPR TSV or BEIR corpus.jsonl)."""
     source = file_chunks(path, int(cfg.chunk_size), process_index, process_count, check_on_error(cfg.on_error))
     return encode_corpus(passage_encoder(retriever), source, out_dir, template=cfg.passage_template,
-                         dtype=cfg.dtype, process_index=process_index, process_count=process_count)
+                         separator=retriever.separator, dtype=cfg.dtype, process_index=process_index,
+                         process_count=process_count)
 
 
 def encode_passages(retriever, passages: Iterable[Passage], out_dir: str, cfg: ml_collections.ConfigDict,
                     process_index: int = 0, process_count: int = 1) -> EmbeddingStore:
     source = list_chunks(list(passages), int(cfg.chunk_size), process_index, process_count)
     return encode_corpus(passage_encoder(retriever), source, out_dir, template=cfg.passage_template,
-                         dtype=cfg.dtype, process_index=process_index, process_count=process_count)
+                         separator=retriever.separator, dtype=cfg.dtype, process_index=process_index,
+                         process_count=process_count)
 
 
 def passage_encoder(retriever) -> Callable[..., np.ndarray]:

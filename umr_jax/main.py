@@ -218,7 +218,8 @@ class Run:
         cfg = self.cfg.encode
         source = self.task.chunk_source(int(cfg.chunk_size), jax.process_index(), jax.process_count())
         store = encode.encode_corpus(encode.passage_encoder(self.retriever), source, self.round_dir(r, "embeddings"),
-                                     template=cfg.passage_template, dtype=cfg.dtype,
+                                     template=cfg.passage_template, separator=self.retriever.separator,
+                                     dtype=cfg.dtype,
                                      process_index=jax.process_index(), process_count=jax.process_count(),
                                      desc=f"round {r}: encode corpus")
         summary = store.report()
@@ -412,8 +413,8 @@ class Run:
         return distill.TrainingSet(
             query_tokens=self.retriever.tokenize(
                 [distill.training_question(queries[x.query_id].text, self.cfg.train) for x in rankings], "query"),
-            passage_tokens=self.retriever.tokenize([encode.format_passage(texts[p], template) for p in passage_ids],
-                                                   "passage"),
+            passage_tokens=self.retriever.tokenize(
+                [encode.format_passage(texts[p], template, self.retriever.separator) for p in passage_ids], "passage"),
             candidates=np.array([[position[p] for p in x.passage_ids[:k]] for x in rankings], np.int64),
             scores=scores)
 

@@ -135,6 +135,11 @@ class Retriever:
             raise ValueError(f"unknown tower {name!r}; choose one of {TOWERS}")
         return getattr(self.model, name)
 
+    @property
+    def separator(self) -> str:
+        """The tokenizer's separator token ("[SEP]" for BERT), for DPR's title/text pairs ("" if none)."""
+        return getattr(self.tokenizer, "sep_token", None) or ""
+
     def tokenize(self, texts: Sequence[str], tower: str) -> list[list[int]]:
         prefix = self.cfg.query_prefix if tower == "query" else self.cfg.passage_prefix
         return self.tokenizer([prefix + t for t in texts], truncation=True, max_length=self.max_length(tower),

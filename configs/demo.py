@@ -22,7 +22,7 @@ stops after one (configs/xquad_r.py and `--config.rounds=2` run more).
 
 Expected (measured on a 2-core Xeon, the teacher in float32 as on a CPU
 without bf16 units; docs/demo.md has every stage's time): dev mAP@20 0.310 ->
-0.360 and Recall@100 0.713 -> 0.768 (initial, after the round, macro average
+0.361 and Recall@100 0.712 -> 0.764 (initial, after the round, macro average
 over the 5 languages).
 """
 

@@ -484,11 +484,13 @@ def sizes(w: Workload) -> dict[str, float]:
     return {
         "embeddings_f32": n * d * 4.0, "embeddings_f16": n * d * 2.0,
         "exact_index_f32": n * d * 4.0,
-        # ExactIndex keeps the loaded matrix and builds a padded copy for device_put, in every process.
-        "exact_host_ram_per_process": 2 * n * d * 4.0,
-        # each round's workdir: embedding chunks (encode.dtype float32) + the exact index's embeddings.npy.
-        "workdir_disk_per_round": 2 * n * d * 4.0,
-        "workdir_disk_total": w.encodings * 2 * n * d * 4.0,
+        # The exact index is built from the store's matrix, read once into one array (padding rows are
+        # added device block by device block); a multi-process run splits it, each process its shard.
+        "exact_host_ram_all_processes": n * d * 4.0,
+        # Each round's workdir: embedding chunks (encode.dtype float32), passage ids (a DPR id and its
+        # newline: ~9 bytes) and offsets (id hash + byte offset: 16 bytes); the exact index writes no data.
+        "workdir_disk_per_round": n * (d * 4.0 + 9 + 16),
+        "workdir_disk_total": w.encodings * n * (d * 4.0 + 9 + 16),
         "scann_ah_codes": ah, "scann_reorder_f32": reorder, "scann_centroids": sp["num_leaves"] * d * 4.0,
         "scann_leaf_ids": n * 4.0, "scann_total": ah + reorder + sp["num_leaves"] * d * 4.0 + n * 4.0,
     }
@@ -660,9 +662,10 @@ def report(r: dict) -> list[str]:
               f"| embedding matrix, float32 (encode.dtype default) | {_gb(s['embeddings_f32'])} |",
               f"| embedding matrix, float16 | {_gb(s['embeddings_f16'])} |",
               f"| exact index on the devices (index.exact.dtype float32) | {_gb(s['exact_index_f32'])} |",
-              f"| host RAM per process while building the exact index (matrix + padded copy) | "
-              f"{_gb(s['exact_host_ram_per_process'])} |",
-              f"| workdir disk per round (embedding chunks + exact index copy) | {_gb(s['workdir_disk_per_round'])} |",
+              f"| host RAM while building the exact index, summed over the processes (the matrix once) | "
+              f"{_gb(s['exact_host_ram_all_processes'])} |",
+              f"| workdir disk per round (embedding chunks, ids, line offsets; the exact index adds none) | "
+              f"{_gb(s['workdir_disk_per_round'])} |",
               f"| workdir disk, whole run ({w['rounds'] + 1} encodings) | {_gb(s['workdir_disk_total'])} |",
               f"| ScaNN: AH codes (4 bits per 2 dims) | {_gb(s['scann_ah_codes'])} |",
               f"| ScaNN: float32 dataset kept for reordering | {_gb(s['scann_reorder_f32'])} |",

@@ -253,6 +253,8 @@ def test_the_paper_config_follows_the_official_query_length_question_marks_and_g
     assert cfg.retriever.max_query_length == cfg.retriever.max_passage_length == 256
     assert cfg.train.strip_question_mark
     assert cfg.train.grad_scale == 1 / 8 and cfg.train.max_grad_norm == 2.0  # official grad cache, world size 1
+    assert cfg.train.select == "average_rank" and cfg.train.evals_per_epoch == 4 and cfg.train.rank_negatives == 30
+    assert distill.steps_for(15_250, cfg.train) == 9_219  # 10 epochs of the 14,750 queries not held out, B = 16
 
 
 def test_grad_scale_before_clipping_equals_clipping_at_the_scaled_threshold():
@@ -278,3 +280,56 @@ def test_grad_scale_before_clipping_equals_clipping_at_the_scaled_threshold():
 
 def test_the_paper_config_reads_passages_as_dpr_text_pairs():
     assert repo_config("xor").encode.passage_template == "{title}{sep}{text}"
+
+
+def test_average_rank_by_hand():
+    """Two held-out queries, 3 candidates each; pool = each query's teacher top-1 and next 1 candidate."""
+    data = distill.TrainingSet([[1], [2]], [[3]] * 5, np.array([[0, 1, 2], [3, 4, 0]]),
+                               np.array([[-2.0, -1.0, -3.0], [-1.0, -5.0, -2.0]]))
+    # Teacher order: query 0 -> passages 1, 0 (gold 1); query 1 -> passages 3, 0 (gold 3).
+    # Pool rows: [1, 0, 3, 0]. Student scores: q0 . p = [0.5, 0.9, -, 0.7, -] -> row scores [0.5, 0.9, 0.7,
+    # 0.9]: gold 0.5, three above -> rank 3; q1 row scores [0.1, 0.0, 0.3, 0.0]: gold 0.3, none above -> 0.
+    queries = np.array([[1.0, 0.0], [0.0, 1.0]])
+    passages = np.array([[0.9, 0.0], [0.5, 0.1], [0.0, 0.0], [0.7, 0.3], [0.0, 0.0]])
+    assert distill.average_rank(queries, passages, data, negatives=1) == 1.5
+    # Top-1s alone: pool [1, 3]; q0 scores [0.5, 0.7] -> rank 1; q1 [0.1, 0.3] -> rank 0.
+    assert distill.average_rank(queries, passages, data, negatives=0) == 0.5
+
+
+def test_average_rank_selection_keeps_the_best_weights_and_survives_a_kill(tmp_path):
+    """train.select='average_rank': the held-out queries are not trained on, every evaluation is logged, the
+    model ends with the weights of the best evaluation (not the last step's), and a run killed in the middle
+    selects the same step with identical weights; restore_final gives the selected weights too."""
+    cfg = tiny_config(student_scale=20.0, select="average_rank", rank_queries=4, rank_negatives=2,
+                      evals_per_epoch=2, epochs=4.0, queries_per_batch=4, learning_rate=5e-3, checkpoint_every=3)
+    mesh = sharding.make_mesh((4, 2))  # 4 queries a step over the data axis, towers split over model
+    data = toy_data(num_queries=12)
+    assert distill.steps_for(12, cfg) == 8  # 4 epochs x (12 - 4 held out) / 4 per batch
+    ranks = []
+
+    def log(tag, value, step):
+        if tag == "train/average_rank":
+            ranks.append((step + 1, value))
+
+    whole = tiny_dual_encoder()
+    summary = distill.train(whole, data, cfg, mesh, str(tmp_path / "a"), seed=5, pad_id=0, log_scalars=log)
+    assert [s for s, _ in ranks] == [1, 2, 3, 4, 5, 6, 7, 8]  # 8 trained queries / 4 per batch / 2 evals an epoch
+    best_step, best_rank = min(ranks, key=lambda x: (x[1], x[0]))
+    assert (summary["selected_step"], summary["average_rank"]) == (best_step, best_rank)
+    # The kept weights are the ones that ranked best: re-evaluated, they give the logged rank.
+    trainer = distill.Trainer(whole, cfg, mesh, 8, seed=5)
+    _, heldout = distill.split_heldout(data, cfg, seed=5)
+    assert trainer.evaluate_average_rank(heldout, pad_id=0) == best_rank
+    interrupted = tiny_dual_encoder()
+    distill.train(interrupted, data, cfg, mesh, str(tmp_path / "b"), seed=5, pad_id=0, stop_at=3)
+    resumed = tiny_dual_encoder()
+    again = distill.train(resumed, data, cfg, mesh, str(tmp_path / "b"), seed=5, pad_id=0)
+    assert again["resumed_at"] == 3 and again["selected_step"] == best_step
+    restored = tiny_dual_encoder()
+    distill.restore_final(restored, cfg, mesh, str(tmp_path / "b"), len(data.query_tokens), seed=5)
+    for model in (resumed, restored):
+        for a, b in zip(jax.tree.leaves(nnx.state(whole, nnx.Param)), jax.tree.leaves(nnx.state(model, nnx.Param)),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="rank_queries"):
+        distill.steps_for(4, cfg)

@@ -1,6 +1,7 @@
 """Corpus encoding to resumable chunks; ScaNN and exact on-device search; run files."""
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -123,7 +124,8 @@ def test_exact_index_on_the_mesh_equals_numpy(eight_devices, approx, tmp_path):
     single = index.build_index(db, cfg, sharding.make_mesh((1, 1), devices=mesh.devices.flat[:1]))
     np.testing.assert_array_equal(single.search(queries, 10).indices, result.indices)
     idx.save(str(tmp_path / "exact"))
-    loaded = index.load_index(str(tmp_path / "exact"), cfg, mesh)
+    assert os.listdir(tmp_path / "exact") == ["index.json"]  # the embeddings are the store's, not copied
+    loaded = index.load_index(str(tmp_path / "exact"), cfg, mesh, embeddings=lambda: db)
     np.testing.assert_array_equal(loaded.search(queries, 10).indices, result.indices)
 
 
@@ -194,3 +196,70 @@ def test_dpr_pair_template_gives_the_official_tensorizer_token_ids(tmp_path):
     assert ours[0].count(tokenizer.sep_token_id) == 2 and len(ours[1]) == max_length
     with pytest.raises(ValueError, match="separator"):
         format_passage(passages[0], "{title}{sep}{text}", "")
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_passage_offsets_recorded_while_encoding_find_the_passages_by_seeking(tmp_path, gzipped):
+    """Two processes encode a corpus (a header, a bad line skipped); the offsets they record give the same
+    passages as a streaming pass, and a store still being encoded is not used."""
+    import gzip
+
+    from umr_jax.data.readers import lookup_passages
+    lines = ["id\ttext\ttitle\n"] + [f"p{i}\ttext {i} é\ttitle {i}\n" for i in range(23)]
+    lines[7] = "broken line\n"
+    corpus = tmp_path / ("corpus.tsv.gz" if gzipped else "corpus.tsv")
+    data = "".join(lines).encode()
+    corpus.write_bytes(gzip.compress(data) if gzipped else data)
+    store = EmbeddingStore(str(tmp_path / "emb"))
+    encode_corpus(fake_encode, file_chunks(str(corpus), 4, 1, 2, "skip"), store.directory, process_index=1,
+                  process_count=2)
+    assert not store.finished() and store.passage_offsets() is None  # half encoded: never used
+    encode_corpus(fake_encode, file_chunks(str(corpus), 4, 0, 2, "skip"), store.directory, process_index=0,
+                  process_count=2)
+    assert store.finished() and store.load_ids() == store.load()[0]
+    offsets = store.passage_offsets()
+    assert len(offsets.hashes) == 22
+    wanted = ["p21", "p0", "p12", "p5"]
+    by_seeking = lookup_passages(str(corpus), wanted, offsets=offsets)
+    assert by_seeking == lookup_passages(str(corpus), wanted, on_error="skip", chunk_size=3)
+    assert by_seeking["p12"].title == "title 12" and by_seeking["p12"].text == "text 12 é"
+    with pytest.raises(KeyError, match="recorded"):
+        lookup_passages(str(corpus), ["p6"], offsets=offsets)  # p6 was the skipped line
+    for npy in (tmp_path / "emb").glob("chunk-??????.npy"):
+        npy.unlink()  # the embeddings deleted to save disk: the offsets still serve lookups
+    assert lookup_passages(str(corpus), wanted, offsets=store.passage_offsets()) == by_seeking
+
+
+def test_passage_offsets_resolve_hash_collisions_by_reading_the_ids(tmp_path):
+    from umr_jax.data.readers import PassageOffsets, lookup_passages, passage_id_hashes
+    corpus = _corpus(tmp_path, 5)
+    with open(corpus) as f:
+        line_starts = np.cumsum([len(x) + 1 for x in f.read().splitlines()])[:-1]  # after the header
+    collided = PassageOffsets.build(np.repeat(passage_id_hashes(["p3"]), 5), line_starts)  # 5 lines, one hash
+    found = lookup_passages(corpus, ["p3"], offsets=collided)
+    assert {k: (v.text, v.offset) for k, v in found.items()} == {"p3": ("text 3", line_starts[3])}
+
+
+def test_a_saved_index_is_reused_without_reading_the_embeddings(tmp_path):
+    """Resuming at the index stage reads the ids alone: the ScaNN index holds its data, and an exact index
+    is rebuilt from the store (no second copy of the embeddings is ever written)."""
+    from umr_jax.search import load_or_build_index
+    corpus, out = _corpus(tmp_path, 10), str(tmp_path / "emb")
+    store = encode_corpus(fake_encode, file_chunks(corpus, 4, 0, 1, "raise"), out)
+    mesh = sharding.make_mesh((1, 1), devices=__import__("jax").devices()[:1])
+    for backend in ("exact", "scann"):  # the exact one first: the ScaNN check deletes the embeddings
+        cfg = index.default_config()
+        cfg.backend = backend
+        directory = str(tmp_path / backend)
+        ids, built = load_or_build_index(store, directory, cfg, mesh, k=3)
+        expected = built.search(fake_encode(["title 2 text 2"]), 3).indices
+        assert ids[expected[0, 0]] == "p2"
+        if backend == "exact":
+            assert os.listdir(directory) == ["index.json"]
+            reused = load_or_build_index(store, directory, cfg, mesh, k=3)
+        else:
+            for chunk in range(3):
+                os.remove(os.path.join(out, f"chunk-{chunk:06d}.npy"))  # gone: the reuse must not need them
+            reused = load_or_build_index(store, directory, cfg, mesh, k=3)
+        assert reused[0] == ids
+        np.testing.assert_array_equal(reused[1].search(fake_encode(["title 2 text 2"]), 3).indices, expected)

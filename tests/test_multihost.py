@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -28,8 +29,11 @@ def _free_port() -> int:
 def _assert_two_process_run_equals_the_single_process_run(workdir: pathlib.Path, tiny_run: pathlib.Path) -> None:
     """What a 2-process run of the tiny config must leave (the dead-peer test's re-run is one, to the end)."""
     # Each process did its share: its own embedding chunks, index shard and rankings; the pair chunks split.
+    # Chunks of 16 of the 96 passages (CHUNKS): three committed chunks a process, joined in corpus order.
     embeddings = workdir / "round-0" / "embeddings"
     assert (embeddings / "done-0-of-2.json").exists() and (embeddings / "done-1-of-2.json").exists()
+    assert sorted(p.name for p in embeddings.glob("chunk-*.json")) == [f"chunk-{c:06d}.json" for c in range(6)]
+    assert [json.loads((embeddings / f"chunk-{c:06d}.json").read_text())["count"] for c in range(6)] == [16] * 6
     assert (workdir / "round-0" / "index" / "shard-1-of-2" / "index.json").exists()
     parts = [run_files.read_jsonl(str(workdir / "round-0" / "shards" / f"run-dev-{p}-of-2.jsonl")) for p in (0, 1)]
     assert not set(parts[0][0].passage_ids) & set(parts[1][0].passage_ids)
@@ -91,6 +95,9 @@ def test_cluster_detection(environ, expected):
 # ----------------------------------------------------------------------------- a dead peer (umr_jax/distributed.py)
 
 
+CHUNKS = "--config.encode.chunk_size=16"  # the tiny corpus in 6 chunks: several a process
+
+
 def _launch_two(workdir, *flags, kill_process_1_at: str | None = None) -> list[subprocess.Popen]:
     """Both processes of the tiny run on localhost, their stderr in <workdir>.err<i> (no pipe to fill)."""
     port = _free_port()
@@ -124,7 +131,7 @@ def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[float]:
 
 def test_a_dead_process_stops_the_other_in_time_and_the_rerun_reaches_the_single_process_result(tiny_run, tmp_path):
     workdir, timeout = tmp_path / "run", 10
-    procs = _launch_two(workdir, f"--config.reliability.peer_timeout_seconds={timeout}",
+    procs = _launch_two(workdir, f"--config.reliability.peer_timeout_seconds={timeout}", CHUNKS,
                         kill_process_1_at="encode.chunk_committed")
     died, stopped = _wait_all(procs, 300)
     err = pathlib.Path(f"{workdir}.err0").read_text()
@@ -138,10 +145,13 @@ def test_a_dead_process_stops_the_other_in_time_and_the_rerun_reaches_the_single
     # Process 0 did not record the stage process 1 died in: the same command redoes it and finishes.
     manifest = workdir / "manifest.json"
     assert not manifest.exists() or "round-0/encode" not in json.loads(manifest.read_text())["stages"]
-    procs = _launch_two(workdir, f"--config.reliability.peer_timeout_seconds={timeout}")
+    procs = _launch_two(workdir, f"--config.reliability.peer_timeout_seconds={timeout}", CHUNKS)
     _wait_all(procs, 900)
     for i, p in enumerate(procs):
         assert p.returncode == 0, pathlib.Path(f"{workdir}.err{i}").read_text()[-3000:]
+    # Process 1 had committed its first chunk before it died: the re-run resumed after it.
+    assert re.search(r"round-0/embeddings: [1-6] chunks already encoded, resuming",
+                     pathlib.Path(f"{workdir}.err1").read_text())
     # The re-run is a whole 2-process run (round-0/encode redone on, the rest from nothing): the multi-host
     # test of the suite (one 2-process run to the end is all the 2-core CI can afford).
     _assert_two_process_run_equals_the_single_process_run(workdir, tiny_run)

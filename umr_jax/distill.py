@@ -92,7 +92,33 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.checkpoint_every = 200  # steps between Orbax checkpoints (and at the end)
     cfg.checkpoints_to_keep = 2
     cfg.log_every = 10  # steps between TensorBoard / log lines
+    # Which weights a round keeps. 'last': the final step's. 'average_rank': the official trainer's
+    # selection (DPR's validate_average_rank, run `evals_per_epoch` times an epoch): `rank_queries`
+    # teacher-scored training queries are held out (never trained on); each is scored against the pool
+    # of every held-out query's teacher top-1 and next `rank_negatives` candidates, and the weights
+    # whose teacher top-1 passages rank best on average are kept. No labels are used.
+    cfg.select = "last"
+    cfg.rank_queries = 0
+    cfg.rank_negatives = 30
+    cfg.evals_per_epoch = 4
     return cfg
+
+
+SELECT_CHOICES = ("last", "average_rank")
+
+
+def heldout_count(num_queries: int, cfg: ml_collections.ConfigDict) -> int:
+    """How many of `num_queries` teacher-scored queries checkpoint selection holds out (0 for 'last')."""
+    select = cfg.get("select", "last")
+    if select not in SELECT_CHOICES:
+        raise ValueError(f"train.select={select!r}: choose one of {SELECT_CHOICES}")
+    if select == "last":
+        return 0
+    count = int(cfg.rank_queries)
+    if not 0 < count < num_queries:
+        raise ValueError(f"train.select='average_rank' holds out train.rank_queries={count} of the {num_queries} "
+                         f"training queries: set it to 1..{num_queries - 1}")
+    return count
 
 
 def training_question(text: str, cfg: ml_collections.ConfigDict) -> str:
@@ -112,6 +138,13 @@ def validate_config(cfg: ml_collections.ConfigDict, k: int) -> None:
             raise ValueError(f"train.{key}={cfg[key]} must be >= 1")
     if cfg.epochs <= 0 or cfg.learning_rate <= 0:
         raise ValueError(f"train.epochs={cfg.epochs} and train.learning_rate={cfg.learning_rate} must be > 0")
+    if cfg.select not in SELECT_CHOICES:
+        raise ValueError(f"train.select={cfg.select!r}: choose one of {SELECT_CHOICES}")
+    if cfg.select == "average_rank" and (int(cfg.rank_queries) < 1 or int(cfg.evals_per_epoch) < 1
+                                         or int(cfg.rank_negatives) < 0):
+        raise ValueError(f"train.select='average_rank' needs train.rank_queries >= 1 (is {cfg.rank_queries}), "
+                         f"train.evals_per_epoch >= 1 (is {cfg.evals_per_epoch}) and train.rank_negatives >= 0 "
+                         f"(is {cfg.rank_negatives})")
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -186,7 +219,42 @@ class TrainingSet:
 
 
 def steps_for(num_queries: int, cfg: ml_collections.ConfigDict) -> int:
-    return max(1, math.ceil(cfg.epochs * num_queries / cfg.queries_per_batch))
+    """Training steps for `num_queries` teacher-scored queries (those held out for selection excepted)."""
+    trained = num_queries - heldout_count(num_queries, cfg)
+    return max(1, math.ceil(cfg.epochs * trained / cfg.queries_per_batch))
+
+
+def split_heldout(data: TrainingSet, cfg: ml_collections.ConfigDict, seed: int) -> tuple[TrainingSet,
+                                                                                        TrainingSet | None]:
+    """The queries to train on, and those held out for checkpoint selection (a seeded sample; None if none)."""
+    count = heldout_count(len(data.query_tokens), cfg)
+    if not count:
+        return data, None
+    held = np.zeros(len(data.query_tokens), bool)
+    held[np.random.default_rng([seed, 17]).choice(len(held), count, replace=False)] = True
+
+    def subset(mask: np.ndarray) -> TrainingSet:
+        return TrainingSet([t for t, m in zip(data.query_tokens, mask, strict=True) if m], data.passage_tokens,
+                           data.candidates[mask], data.scores[mask])
+    return subset(~held), subset(held)
+
+
+def average_rank(query_embeddings: np.ndarray, passage_embeddings: np.ndarray, heldout: TrainingSet,
+                 negatives: int) -> float:
+    """DPR's validate_average_rank with the teacher's top-1 as each query's gold passage.
+
+    Each held-out query contributes its teacher top-1 and its next `negatives`
+    candidates (in teacher order) to one pool; every query is scored against the
+    whole pool, and the 0-based rank of its own top-1 entry (how many pool
+    entries score higher) is averaged. `passage_embeddings` are indexed like
+    `heldout.passage_tokens`.
+    """
+    order = np.argsort(-heldout.scores, axis=1, kind="stable")[:, : negatives + 1]
+    pool = np.take_along_axis(heldout.candidates, order, axis=1)  # (queries, 1 + negatives), top-1 first
+    gold = np.arange(len(pool)) * pool.shape[1]
+    scores = query_embeddings @ passage_embeddings[pool.reshape(-1)].T
+    return float(np.mean(np.sum(scores > scores[np.arange(len(pool)), gold][:, None], axis=1)))
+
 
 
 def step_selection(num_queries: int, k: int, step: int, cfg: ml_collections.ConfigDict,
@@ -211,11 +279,13 @@ def step_selection(num_queries: int, k: int, step: int, cfg: ml_collections.Conf
     return queries, picks
 
 
-def _pad(tokens: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """All of a step's texts at one bucketed length: a step is one program, so its rows share a shape."""
+def _pad(tokens: Sequence[Sequence[int]], buckets: Sequence[int], pad_id: int,
+         rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All of a step's texts at one bucketed length (a step is one program, so its rows share a shape), in
+    `rows` rows (default: one per text)."""
     longest = max(len(t) for t in tokens)
     length = bucket_for(longest, sorted(int(x) for x in buckets)) if longest <= max(buckets) else longest
-    return pad_rows(tokens, len(tokens), length, pad_id)
+    return pad_rows(tokens, len(tokens) if rows is None else rows, length, pad_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,6 +432,13 @@ class Trainer:
         self.opt_state = jax.device_put(self.opt_state, self.opt_shardings)
         self.batch_sharding = sharding.stacked_batch_sharding(mesh, rules)
         self._step_fn = self._build_step()
+        self._embed_fns: dict[str, Callable] = {}
+        # train.select='average_rank': the best weights so far and their (average rank, step), checkpointed
+        # with the rest so that a resumed run selects among every evaluation, not only its own.
+        self.keep_best = cfg.get("select", "last") == "average_rank"
+        if self.keep_best:
+            self.best_params = jax.tree.map(lambda x: x.copy(), self.params)
+            self.best = {"rank": np.array(np.inf), "step": np.array(-1)}  # 0-d arrays: what Orbax stores
 
     def _build_step(self) -> Callable:
         graphdef, rest, cfg, tx = self.graphdef, self.rest, self.cfg, self.tx
@@ -411,14 +488,61 @@ class Trainer:
                                                              np.uint32(self.seed))
         return {k: float(v) for k, v in metrics.items()}
 
-    def sync_model(self) -> None:
-        """Writes the trained parameters back into the model object."""
-        nnx.update(self.model, self.params)
+    def sync_model(self, selected: bool = False) -> None:
+        """Writes the trained parameters back into the model object: the last step's, or with `selected` the
+        ones checkpoint selection kept (train.select)."""
+        nnx.update(self.model, self.best_params if selected and self.keep_best else self.params)
+
+    def embed(self, tokens: Sequence[Sequence[int]], tower: str, buckets: Sequence[int], pad_id: int,
+              batch: int = 64) -> np.ndarray:
+        """Embeddings of token sequences by one tower with the current parameters (no dropout), float32."""
+        if tower not in self._embed_fns:
+            graphdef, rest = self.graphdef, self.rest
+
+            def run(params, frozen, ids, mask):
+                return getattr(nnx.merge(graphdef, params, frozen, rest, copy=True), tower)(ids, mask,
+                                                                                            deterministic=True)
+
+            rows = sharding.batch_sharding(self.mesh, 2, self.rules)
+            frozen_shardings = sharding.state_shardings(self.frozen, self.mesh, self.rules)
+            self._embed_fns[tower] = jax.jit(run, in_shardings=(self.param_shardings, frozen_shardings, rows, rows),
+                                             out_shardings=rows)
+        multiple = sharding.data_parallel_size(self.mesh, self.rules)
+        batch = -(-batch // multiple) * multiple
+        rows = sharding.batch_sharding(self.mesh, 2, self.rules)
+        parts = []
+        for start in range(0, len(tokens), batch):
+            chunk = tokens[start:start + batch]
+            ids, mask = distributed.global_put(_pad(chunk, buckets, pad_id, rows=batch), (rows, rows))
+            out = self._embed_fns[tower](self.params, self.frozen, ids, mask)
+            parts.append(distributed.host_value(out)[: len(chunk)].astype(np.float32))
+        return np.concatenate(parts)
+
+    def evaluate_average_rank(self, heldout: TrainingSet, pad_id: int) -> float:
+        """`average_rank` of the held-out queries with the current parameters (train.select='average_rank')."""
+        order = np.argsort(-heldout.scores, axis=1, kind="stable")[:, : int(self.cfg.rank_negatives) + 1]
+        used = np.unique(np.take_along_axis(heldout.candidates, order, axis=1))
+        embedded = self.embed([heldout.passage_tokens[i] for i in used], "passage", self.cfg.passage_buckets, pad_id)
+        passages = np.zeros((len(heldout.passage_tokens), embedded.shape[1]), np.float32)
+        passages[used] = embedded
+        queries = self.embed(heldout.query_tokens, "query", self.cfg.query_buckets, pad_id)
+        return average_rank(queries, passages, heldout, int(self.cfg.rank_negatives))
+
+    def consider(self, rank: float, step: int) -> bool:
+        """Keeps the current parameters if `rank` beats the best so far (strictly, as the official trainer)."""
+        if not rank < self.best["rank"]:
+            return False
+        self.best_params = jax.tree.map(lambda x: x.copy(), self.params)
+        self.best = {"rank": np.array(float(rank)), "step": np.array(int(step))}
+        return True
 
     # ------------------------------------------------------------- checkpoints
 
     def _checkpoint_items(self) -> dict:
-        return {"params": self.params.to_pure_dict(), "opt_state": self.opt_state}
+        items = {"params": self.params.to_pure_dict(), "opt_state": self.opt_state}
+        if self.keep_best:
+            items.update(best_params=self.best_params.to_pure_dict(), best=self.best)
+        return items
 
     def fingerprint(self) -> dict:
         """What this trainer's checkpoints are checked against: the train config (without bookkeeping keys),
@@ -476,6 +600,11 @@ class Trainer:
         nnx.replace_by_pure_dict(self.params, restored["params"])
         self.params = jax.device_put(self.params, self.param_shardings)  # restored on these shardings already
         self.opt_state = jax.device_put(restored["opt_state"], self.opt_shardings)
+        if self.keep_best:
+            nnx.replace_by_pure_dict(self.best_params, restored["best_params"])
+            self.best_params = jax.device_put(self.best_params, self.param_shardings)
+            best = restored["best"]
+            self.best = {"rank": np.array(float(best["rank"])), "step": np.array(int(best["step"]))}
 
 
 # Beside the Orbax steps: the fingerprint of the setup that wrote them (Trainer.fingerprint).
@@ -546,7 +675,10 @@ def train(model: nnx.Module, data: TrainingSet, cfg: ml_collections.ConfigDict, 
     saved, so the last checkpoint stays the last good state.
     """
     total = steps_for(len(data.query_tokens), cfg)
+    data, heldout = split_heldout(data, cfg, seed)
     trainer = Trainer(model, cfg, mesh, total, seed)
+    # As the official trainer: evaluations evals_per_epoch times an epoch of training queries, and at the end.
+    eval_every = max(1, math.ceil(len(data.query_tokens) / cfg.queries_per_batch / int(cfg.evals_per_epoch)))
     plan = packing_plan(data, cfg, seed, total, sharding.data_parallel_size(mesh)) if cfg.packing else None
     if plan:
         logging.info("%s: passages packed into %d rows of %d tokens per micro-batch", desc, plan.rows,
@@ -575,6 +707,13 @@ def train(model: nnx.Module, data: TrainingSet, cfg: ml_collections.ConfigDict, 
                 log_scalars("train/loss", metrics["loss"], s)
                 log_scalars("train/grad_norm", metrics["grad_norm"], s)
                 log_scalars("train/learning_rate", float(trainer.schedule(s)), s)
+            if heldout is not None and ((s + 1) % eval_every == 0 or s + 1 == total):
+                rank = trainer.evaluate_average_rank(heldout, pad_id)
+                kept = trainer.consider(rank, s + 1)
+                logging.info("%s: step %d, average rank of the teacher's top-1 on %d held-out queries %.3f%s", desc,
+                             s + 1, len(heldout.query_tokens), rank, " (best so far: kept)" if kept else "")
+                if log_scalars:
+                    log_scalars("train/average_rank", rank, s)
             preempted = preemption.agreed()  # every process, every step: all stop at the same step
             if preempted or (s + 1) % cfg.checkpoint_every == 0 or s + 1 in (total, stop_at):
                 trainer.save(manager, s + 1)
@@ -585,10 +724,16 @@ def train(model: nnx.Module, data: TrainingSet, cfg: ml_collections.ConfigDict, 
                                            f"stopped after step {s + 1} of {total}, checkpoint saved in "
                                            f"{checkpoint_dir}")
     manager.close()
-    trainer.sync_model()
+    trainer.sync_model(selected=True)
     elapsed = time.perf_counter() - began
-    return {"steps": total, "resumed_at": start_step, "seconds": elapsed,
-            "first_loss": losses[0] if losses else float("nan"), "last_loss": losses[-1] if losses else float("nan")}
+    summary = {"steps": total, "resumed_at": start_step, "seconds": elapsed,
+               "first_loss": losses[0] if losses else float("nan"),
+               "last_loss": losses[-1] if losses else float("nan")}
+    if trainer.keep_best:
+        summary.update(average_rank=float(trainer.best["rank"]), selected_step=int(trainer.best["step"]))
+        logging.info("%s: kept the weights of step %d of %d (average rank %.3f)", desc, summary["selected_step"],
+                     total, summary["average_rank"])
+    return summary
 
 
 def restore_final(model: nnx.Module, cfg: ml_collections.ConfigDict, mesh, checkpoint_dir: str, num_queries: int,
@@ -606,4 +751,4 @@ def restore_final(model: nnx.Module, cfg: ml_collections.ConfigDict, mesh, check
                                 f"{_redo_checkpoints(checkpoint_dir)}")
     trainer.restore(manager, total)
     manager.close()
-    trainer.sync_model()
+    trainer.sync_model(selected=True)

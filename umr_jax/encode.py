@@ -6,6 +6,9 @@ the mesh, length-bucketed or packed) and written as three files:
 
   chunk-000012.npy        embeddings (count, dim)
   chunk-000012.ids.txt    passage ids, one per line, same order
+  chunk-000012.offsets.npy  (count, 2) uint64: each passage's id hash and the byte offset of its
+                          line in the corpus file (corpus files only): later stages seek to the
+                          passages they need (readers.PassageOffsets)
   chunk-000012.json       commit marker: count, dim, dtype, skip counts
 
 The marker is written last and atomically, so a chunk without a valid marker
@@ -28,7 +31,15 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from umr_jax import atomic, faults, preemption, storage
-from umr_jax.data.readers import OnError, Passage, ReadReport, check_on_error, iter_passage_chunks
+from umr_jax.data.readers import (
+    OnError,
+    Passage,
+    PassageOffsets,
+    ReadReport,
+    check_on_error,
+    iter_passage_chunks,
+    passage_id_hashes,
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -96,10 +107,15 @@ class EmbeddingStore:
                 logging.warning("re-encoding chunk %d: %s", c, e)
         return good
 
-    def write_chunk(self, chunk: int, ids: Sequence[str], embeddings: np.ndarray, report: ReadReport) -> None:
+    def write_chunk(self, chunk: int, ids: Sequence[str], embeddings: np.ndarray, report: ReadReport,
+                    offsets: Sequence[int] | None = None) -> None:
         if len(ids) != len(embeddings):
             raise ValueError(f"chunk {chunk}: {len(ids)} ids but {len(embeddings)} embeddings")
         atomic.save_npy(self._path(chunk, ".npy"), embeddings)
+        if offsets is not None:
+            atomic.save_npy(self._path(chunk, ".offsets.npy"),
+                            np.stack([passage_id_hashes(ids), np.asarray(offsets, np.uint64)], axis=1)
+                            if len(ids) else np.zeros((0, 2), np.uint64))
         atomic.write_text(self._path(chunk, ".ids.txt"), "".join(f"{i}\n" for i in ids))
         atomic.write_json(self._path(chunk, ".json"), {
             "chunk": chunk, "count": len(ids), "dim": int(embeddings.shape[1]) if embeddings.ndim == 2 else 0,
@@ -117,6 +133,16 @@ class EmbeddingStore:
             raise StoreError(f"{marker}: marker says {meta['count']} passages, found {emb.shape[0]} embeddings "
                              f"and {len(ids)} ids")
         return ids, emb, meta
+
+    def _read_ids(self, chunk: int, meta: dict) -> list[str]:
+        try:
+            ids = storage.read_text(self._path(chunk, ".ids.txt")).splitlines()
+        except OSError as e:
+            raise StoreError(f"{self._path(chunk, '.json')}: chunk unreadable ({e})") from None
+        if len(ids) != meta["count"]:
+            raise StoreError(f"{self._path(chunk, '.json')}: marker says {meta['count']} passages, found "
+                             f"{len(ids)} ids")
+        return ids
 
     def mark_done(self, process_index: int, process_count: int, num_chunks: int, report: ReadReport) -> None:
         atomic.write_json(self._done_path(process_index, process_count),
@@ -143,25 +169,49 @@ class EmbeddingStore:
         num_chunks = max((chunk_count(path) for path in markers.get(n, {}).values()), default=0)
         return files + [self._path(c, suffix) for c in range(num_chunks) for suffix in (".json", ".npy", ".ids.txt")]
 
-    def load(self, process_index: int = 0, process_count: int = 1) -> tuple[list[str], np.ndarray]:
-        """Chunks joined in corpus order: all, or process p's shard of n (chunks c with c % n == p).
-
-        Passage ids must be unique (checked within what is loaded).
-        """
+    def _complete_chunks(self) -> list[int]:
         chunks = self.chunk_indices()
         if not chunks:
             raise StoreError(f"{self.directory}: no embedding chunks")
         missing = sorted(set(range(chunks[-1] + 1)) - set(chunks))
         if missing:
             raise StoreError(f"{self.directory}: chunks {missing[:10]} missing; finish encoding first")
+        return chunks
+
+    def load_ids(self, process_index: int = 0, process_count: int = 1) -> list[str]:
+        """The passage ids of `load` alone (a saved index needs no embeddings), checked to be unique."""
+        ids = [i for c in self._complete_chunks()[process_index::process_count]
+               for i in self._read_ids(c, atomic.read_json(self._path(c, ".json")))]
+        self._check_unique(ids)
+        return ids
+
+    def load(self, process_index: int = 0, process_count: int = 1) -> tuple[list[str], np.ndarray]:
+        """Chunks joined in corpus order: all, or process p's shard of n (chunks c with c % n == p).
+
+        The embeddings are read into one array sized from the chunk markers, so
+        loading never holds them twice. Passage ids must be unique (checked
+        within what is loaded).
+        """
+        chunks = self._complete_chunks()[process_index::process_count]
+        metas = [atomic.read_json(self._path(c, ".json")) for c in chunks]
+        counts = [int(m["count"]) for m in metas]
+        dims = {int(m["dim"]) for m, n in zip(metas, counts, strict=True) if n}
+        dtypes = {m["dtype"] for m, n in zip(metas, counts, strict=True) if n}
+        if len(dims) > 1 or len(dtypes) > 1:
+            raise StoreError(f"{self.directory}: chunks disagree on the embedding shape: dims {sorted(dims)}, "
+                             f"dtypes {sorted(dtypes)}; encode the corpus again into an empty directory")
+        embeddings = np.zeros((sum(counts), dims.pop() if dims else 0), dtypes.pop() if dtypes else np.float32)
         ids: list[str] = []
-        parts = []
-        for c in chunks[process_index::process_count]:
-            chunk_ids, emb, _ = self.read_chunk(c)
+        for c, n in zip(chunks, counts, strict=True):
+            if not n:
+                continue
+            chunk_ids, emb, _ = self.read_chunk(c, mmap=True)
+            embeddings[len(ids):len(ids) + n] = emb
             ids.extend(chunk_ids)
-            if len(emb):
-                parts.append(emb)
-        embeddings = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+        self._check_unique(ids)
+        return ids, embeddings
+
+    def _check_unique(self, ids: list[str]) -> None:
         if len(set(ids)) != len(ids):
             seen, dups = set(), []
             for i in ids:
@@ -170,7 +220,26 @@ class EmbeddingStore:
                 seen.add(i)
             raise StoreError(f"{self.directory}: {len(dups)} duplicate passage ids across chunks, "
                              f"e.g. {dups[:5]}")
-        return ids, embeddings
+
+    def finished(self) -> bool:
+        """Whether every process finished encoding into this store and all its chunk files are there."""
+        return all(map(storage.exists, self.expected_files()))
+
+    def passage_offsets(self) -> PassageOffsets | None:
+        """Every passage's line offset in the corpus file (all chunks, every process's), or None: encoding is
+        not finished, or a chunk has no offsets (in-memory passages, or written before offsets were recorded).
+
+        Only the done markers and the chunks' offset files are read: a store whose
+        embeddings (.npy) were deleted to save disk still serves lookups.
+        """
+        files = self.expected_files()
+        markers = [f for f in files if os.path.basename(f).startswith("done-")]
+        chunks = [f.removesuffix(".json") for f in files if re.search(r"chunk-\d+\.json$", f)]
+        paths = [f"{c}.offsets.npy" for c in chunks]
+        if not all(map(storage.exists, markers + paths)):
+            return None
+        table = np.concatenate([storage.load_npy(p) for p in paths]) if paths else np.zeros((0, 2), np.uint64)
+        return PassageOffsets.build(table[:, 0], table[:, 1].astype(np.int64))
 
     def report(self) -> ReadReport:
         total = ReadReport(self.directory)
@@ -222,7 +291,9 @@ def encode_corpus(encode: Callable[..., np.ndarray], source: ChunkSource, out_di
             texts = [format_passage(p, template, separator) for p in passages]
             emb = encode(texts, bar=bar) if texts else np.zeros((0, 0), np.float32)
             faults.point("encode.chunk_encoded")
-            store.write_chunk(chunk, [p.id for p in passages], emb.astype(dtype, copy=False), report)
+            offsets = [p.offset for p in passages]
+            store.write_chunk(chunk, [p.id for p in passages], emb.astype(dtype, copy=False), report,
+                              offsets=offsets if all(o >= 0 for o in offsets) else None)
             faults.point("encode.chunk_committed")
             preemption.stop_if_requested(f"after committing corpus chunk {chunk} in {out_dir}")
             total.merge(report)

@@ -22,6 +22,7 @@ import functools
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import jax
@@ -200,16 +201,28 @@ def _search_fn(mesh: Mesh, k: int, rows_per_device: int, size: int, approx: bool
 
 
 class ExactIndex:
+    """The embedding matrix itself, sharded by rows; saving it writes only index.json, since the embedding
+    store it was built from is its data (a second copy would be 55 GB a round at paper scale)."""
+
     def __init__(self, embeddings: np.ndarray, mesh: Mesh, cfg: ml_collections.ConfigDict):
-        embeddings = np.asarray(embeddings)
         self.size, self.dim = embeddings.shape
         self.mesh, self.cfg = mesh, cfg
         devices = mesh.devices.size
         self.rows_per_device = -(-self.size // devices)
-        padded = np.zeros((self.rows_per_device * devices, self.dim), dtype=cfg.dtype)
-        padded[: self.size] = embeddings
-        self.host = embeddings
-        self.db = jax.device_put(padded, NamedSharding(mesh, PartitionSpec(_row_axes(mesh), None)))
+        sharding = NamedSharding(mesh, PartitionSpec(_row_axes(mesh), None))
+        rows = self.rows_per_device * devices
+        if rows == self.size and embeddings.dtype == np.dtype(cfg.dtype):
+            self.db = jax.device_put(embeddings, sharding)
+        else:  # padding rows (and a dtype cast), built one device's block at a time: no padded host copy
+
+            def block(index: tuple[slice, ...]) -> np.ndarray:
+                start, stop, _ = index[0].indices(rows)
+                out = np.zeros((stop - start, self.dim), cfg.dtype)
+                part = embeddings[start:min(stop, self.size)]
+                out[: len(part)] = part
+                return out
+
+            self.db = jax.make_array_from_callback((rows, self.dim), sharding, block)
 
     def search(self, queries: np.ndarray, k: int, *, batch: int = 1024, progress: bool = False) -> SearchResult:
         queries = _check_queries(queries, self.dim, k, self.size)
@@ -229,14 +242,18 @@ class ExactIndex:
 
     def save(self, directory: str) -> None:
         def write(tmp: str) -> None:
-            np.save(os.path.join(tmp, "embeddings.npy"), self.host, allow_pickle=False)
             atomic.write_json(os.path.join(tmp, "index.json"), {
-                "backend": "exact", "size": self.size, "dim": self.dim})
+                "backend": "exact", "size": self.size, "dim": self.dim,
+                "data": "the embedding store it was built from"})
         atomic.replace_dir(directory, write, commit="index.json", sole_writer=True)
 
     @classmethod
-    def load(cls, directory: str, mesh: Mesh, cfg: ml_collections.ConfigDict) -> ExactIndex:
-        return cls(storage.load_npy(os.path.join(directory, "embeddings.npy")), mesh, cfg)
+    def load(cls, directory: str, meta: dict, mesh: Mesh, cfg: ml_collections.ConfigDict,
+             embeddings: np.ndarray) -> ExactIndex:
+        if embeddings.shape != (meta["size"], meta["dim"]):
+            raise ValueError(f"{directory}/index.json: an exact index of {meta['size']} x {meta['dim']}, but its "
+                             f"embeddings are {embeddings.shape}: the store changed since; delete {directory}")
+        return cls(embeddings, mesh, cfg)
 
 
 # ----------------------------------------------------------------------------- one entry point
@@ -255,7 +272,9 @@ def build_index(embeddings: np.ndarray, cfg: ml_collections.ConfigDict, mesh: Me
     return ExactIndex(embeddings, mesh, cfg.exact)
 
 
-def load_index(directory: str, cfg: ml_collections.ConfigDict, mesh: Mesh | None = None) -> SearchIndex:
+def load_index(directory: str, cfg: ml_collections.ConfigDict, mesh: Mesh | None = None,
+               embeddings: Callable[[], np.ndarray] | None = None) -> SearchIndex:
+    """A saved index; an exact one is rebuilt from `embeddings()` (the store it was built from)."""
     marker = os.path.join(directory, "index.json")
     if not storage.exists(marker):
         raise FileNotFoundError(f"{directory}: no index.json; the index was never saved completely")
@@ -263,9 +282,9 @@ def load_index(directory: str, cfg: ml_collections.ConfigDict, mesh: Mesh | None
     if meta.get("backend") == "scann":
         return ScannIndex.load(directory, meta)
     if meta.get("backend") == "exact":
-        if mesh is None:
-            raise ValueError("the exact backend needs a mesh")
-        return ExactIndex.load(directory, mesh, cfg.exact)
+        if mesh is None or embeddings is None:
+            raise ValueError("an exact index is rebuilt from its embeddings on a mesh: pass both")
+        return ExactIndex.load(directory, meta, mesh, cfg.exact, embeddings())
     raise ValueError(f"{marker}: unknown backend {meta.get('backend')!r}")
 
 

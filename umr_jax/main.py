@@ -68,7 +68,7 @@ from umr_jax import (
     teacher,
     workdir_lock,
 )
-from umr_jax.data.readers import Query
+from umr_jax.data.readers import PassageOffsets, Query
 from umr_jax.models.hf_checkpoint import HUB_ID, check_local_weights
 from umr_jax.search import load_or_build_index, saved_index_files, search_queries
 from umr_jax.workdir import RunDir
@@ -171,6 +171,8 @@ class Run:
                                else sharding.make_mesh(tuple(cfg.mesh_shape), ("data", "model")))
             self.retriever = retriever.Retriever.from_config(cfg.retriever, self.mesh, seed=int(cfg.seed))
             self.model_round = 0  # which round's weights the retriever holds
+            self._offsets: PassageOffsets | None = None
+            self.task.passage_offsets = self.passage_offsets
             self.scalars = report.Scalars(self.dir.sub("tensorboard"), enabled=self.primary)
         except BaseException:
             self.close()
@@ -207,6 +209,18 @@ class Run:
         params = nnx.state(self.retriever.model, nnx.Param)
         host = jax.tree.map(distributed.host_value, params)
         nnx.update(self.retriever.model, jax.device_put(host, sharding.state_shardings(params, self.mesh)))
+
+    def passage_offsets(self) -> PassageOffsets | None:
+        """The corpus lines' offsets that a finished embedding store of this run recorded (every round
+        encodes the same corpus), found once; None until one exists, or if none has them."""
+        if self._offsets is None and self.task.corpus_path:
+            for r in range(int(self.cfg.rounds) + 1):
+                store = encode.EmbeddingStore(self.round_dir(r, "embeddings"))
+                self._offsets = store.passage_offsets()
+                if self._offsets is not None:
+                    logging.info("passage lookups seek to the lines recorded in %s", store.directory)
+                    break
+        return self._offsets
 
     def _train_seed(self, r: int) -> int:
         return int(self.cfg.seed) * 1000 + r

@@ -149,7 +149,7 @@ class Reader:
     def from_config(cls, cfg: ml_collections.ConfigDict, mesh: Mesh, rules=sharding.DEFAULT_RULES,
                     seed: int = 0) -> Reader:
         validate_config(cfg)
-        model, tokenizer = teacher.load_lm(cfg, seed, "reader")
+        model, tokenizer = teacher.load_lm(cfg, seed, "reader", mesh, rules)
         return cls(model, tokenizer, cfg, mesh, rules)
 
     def _newline_ids(self) -> tuple[int, ...]:

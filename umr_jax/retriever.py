@@ -33,6 +33,7 @@ from umr_jax.models.bert_checkpoint import (
 from umr_jax.models.bert_weights import load_hf_weights
 from umr_jax.models.hf_checkpoint import default_e5_tokenizer_file, load_tokenizer
 from umr_jax.models.layers import resolve_auto_dtype
+from umr_jax.models.state_dict import Placement
 
 TOWERS = ("query", "passage")
 
@@ -91,14 +92,16 @@ def build_encoder(config: BertConfig, cfg: ml_collections.ConfigDict, seed: int,
                        random_init=random_init)
 
 
-def build_dual_encoder(ckpt: LoadedCheckpoint, cfg: ml_collections.ConfigDict, seed: int = 0) -> DualEncoder:
-    """Both towers start from the same checkpoint (UMR section 2, step 4)."""
+def build_dual_encoder(ckpt: LoadedCheckpoint, cfg: ml_collections.ConfigDict, seed: int = 0,
+                       placement: Placement | None = None) -> DualEncoder:
+    """Both towers start from the same checkpoint (UMR section 2, step 4); `placement` loads them straight
+    into their shards on the mesh."""
     query = build_encoder(ckpt.config, cfg, seed, random_init=False)
-    load_hf_weights(query, ckpt.weights, ckpt.description)
+    load_hf_weights(query, ckpt.weights, ckpt.description, placement)
     if cfg.shared_towers:
         return DualEncoder(query)
     passage = build_encoder(ckpt.config, cfg, seed + 1, random_init=False)
-    load_hf_weights(passage, ckpt.weights, ckpt.description)
+    load_hf_weights(passage, ckpt.weights, ckpt.description, placement)
     return DualEncoder(query, passage)
 
 
@@ -124,7 +127,7 @@ class Retriever:
         if len(tokenizer) > ckpt.config.vocab_size:
             raise ValueError(f"tokenizer {ckpt.tokenizer_source} has {len(tokenizer)} entries but the "
                              f"checkpoint's embedding table only {ckpt.config.vocab_size} rows")
-        model = build_dual_encoder(ckpt, cfg, seed)
+        model = build_dual_encoder(ckpt, cfg, seed, sharding.placement(mesh, rules))
         logging.info("retriever: %s, %d layers x %d hidden, towers %s", ckpt.description,
                      ckpt.config.num_hidden_layers, ckpt.config.hidden_size,
                      "shared" if cfg.shared_towers else "separate")
@@ -140,10 +143,15 @@ class Retriever:
         """The tokenizer's separator token ("[SEP]" for BERT), for DPR's title/text pairs ("" if none)."""
         return getattr(self.tokenizer, "sep_token", None) or ""
 
-    def tokenize(self, texts: Sequence[str], tower: str) -> list[list[int]]:
+    def tokenize(self, texts: Sequence[str], tower: str, batch: int = 1024) -> list[list[int]]:
+        """Token ids, truncated, `batch` texts per tokenizer call: a fast tokenizer's result keeps every
+        token's string and offsets, and the whole untruncated text as overflow (~40 kB for a 100-word
+        passage), so a corpus chunk tokenized in one call would hold gigabytes."""
         prefix = self.cfg.query_prefix if tower == "query" else self.cfg.passage_prefix
-        return self.tokenizer([prefix + t for t in texts], truncation=True, max_length=self.max_length(tower),
-                              add_special_tokens=True)["input_ids"]
+        max_length = self.max_length(tower)
+        return [ids for start in range(0, len(texts), batch)
+                for ids in self.tokenizer([prefix + t for t in texts[start:start + batch]], truncation=True,
+                                          max_length=max_length, add_special_tokens=True)["input_ids"]]
 
     def max_length(self, tower: str) -> int:
         max_len = self.cfg.max_query_length if tower == "query" else self.cfg.max_passage_length

@@ -47,15 +47,22 @@ def load_or_build_index(store: encode.EmbeddingStore, directory: str, cfg: ml_co
     """The index of the whole store, or of process p's shard of n (in `directory`/shard-p-of-n).
 
     A saved index is reused, so a resumed run does not rebuild (ScaNN training
-    is the slow part).
+    is the slow part) and reads only the passage ids (a saved ScaNN index holds
+    its own data; an exact index is the store's embeddings, read again).
     """
-    ids, embeddings = store.load(process_index, process_count)
     if process_count > 1:
         directory = os.path.join(directory, f"shard-{process_index}-of-{process_count}")
     if storage.exists(os.path.join(directory, "index.json")):
         logging.info("reusing the index in %s", directory)
-        return ids, index.load_index(directory, cfg, mesh)
+        ids = store.load_ids(process_index, process_count)
+        idx = index.load_index(directory, cfg, mesh, embeddings=lambda: store.load(process_index, process_count)[1])
+        if idx.size != len(ids):
+            raise ValueError(f"{directory}: an index of {idx.size} passages for a store of {len(ids)}: the store "
+                             f"changed since it was built; delete {directory} to build it again")
+        return ids, idx
+    ids, embeddings = store.load(process_index, process_count)
     idx = index.build_index(embeddings, cfg, mesh, k=k)
+    del embeddings  # ScaNN keeps its own copy; an exact index its device arrays
     faults.point("index.built")
     idx.save(directory)
     return ids, idx

@@ -11,7 +11,7 @@ GPU box or a TPU pod slice all go through :func:`make_mesh`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -111,6 +111,16 @@ def _variable_spec(var: nnx.Variable, mesh: Mesh, rules) -> PartitionSpec:
     if not axes:
         return PartitionSpec()
     return logical_to_spec(axes, value.shape, mesh, rules)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """Where one parameter lives on the mesh (from its logical axes)."""
+    return NamedSharding(mesh, _variable_spec(var, mesh, rules))
+
+
+def placement(mesh: Mesh, rules=DEFAULT_RULES) -> Callable[[nnx.Variable], NamedSharding]:
+    """`variable_sharding` on this mesh: how checkpoint loaders place each tensor straight into its shards."""
+    return lambda var: variable_sharding(var, mesh, rules)
 
 
 def state_shardings(state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:

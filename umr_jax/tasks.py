@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from umr_jax import encode, evaluate, run_files, storage
-from umr_jax.data.readers import Passage, Query, check_on_error, lookup_passages, read_queries
+from umr_jax.data.readers import Passage, PassageOffsets, Query, check_on_error, lookup_passages, read_queries
 
 TASKS = ("xor_retrieve", "xquad_r", "files", "synthetic")
 Table = dict[str, dict[str, float]]
@@ -93,6 +93,9 @@ class Task:
     labeled: bool = True
     # Dev query id -> its gold answers, where the data has them: the read stage scores answers.
     answers: Mapping[str, Sequence[str]] | None = None
+    # Where each passage's line starts in `corpus_path` (recorded when it was encoded), or None; a run sets
+    # this so that lookups seek to the passages they need instead of streaming the corpus again.
+    passage_offsets: Callable[[], PassageOffsets | None] = lambda: None
 
     def evaluate(self, rankings: Sequence[run_files.Ranking], queries: Sequence[Query] | None = None,
                  extra: PerQuery | None = None) -> Table:
@@ -122,7 +125,8 @@ class Task:
         """Passage texts for training and for R@kt."""
         if self.passages is not None:
             return {i: self._passages_by_id[i] for i in ids}
-        return lookup_passages(self.corpus_path, ids, on_error=check_on_error(self.corpus_on_error))
+        return lookup_passages(self.corpus_path, ids, offsets=self.passage_offsets(),
+                               on_error=check_on_error(self.corpus_on_error))
 
     def teacher_lookup(self, ids: Sequence[str]) -> dict[str, Passage]:
         """Passage texts as the teacher reads them."""

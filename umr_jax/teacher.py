@@ -596,9 +596,12 @@ class PackedEncoderDecoderRows:
 # ----------------------------------------------------------------------------- scoring
 
 
-def load_lm(cfg: ml_collections.ConfigDict, seed: int = 0, role: str = "teacher") -> tuple[nnx.Module, Any]:
+def load_lm(cfg: ml_collections.ConfigDict, seed: int = 0, role: str = "teacher",
+            mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES) -> tuple[nnx.Module, Any]:
     """The LM and tokenizer a `teacher`-style config section names (`model`, `checkpoint`, `tokenizer`,
-    dtypes, `random`); the reader loads its generator the same way."""
+    dtypes, `random`); the reader loads its generator the same way. With a mesh, checkpoint tensors load
+    straight into their shards (a teacher larger than one chip loads on a `model`-sharded mesh)."""
+    placement = sharding.placement(mesh, rules) if mesh is not None else None
     start = time.perf_counter()
     if cfg.checkpoint == "random":
         from umr_jax.models import gemma_weights
@@ -618,7 +621,7 @@ def load_lm(cfg: ml_collections.ConfigDict, seed: int = 0, role: str = "teacher"
         ckpt = load_t5_checkpoint(cfg.checkpoint)
         model = build_mt5(ckpt.config, param_dtype=resolve_auto_dtype(cfg.param_dtype),
                           dtype=resolve_auto_dtype(cfg.dtype), seed=seed, random_init=False)
-        load_hf_weights(model, ckpt.weights, ckpt.description)
+        load_hf_weights(model, ckpt.weights, ckpt.description, placement)
         tokenizer = load_tokenizer(cfg.tokenizer or ckpt.tokenizer_source)
         description = ckpt.description
     else:
@@ -627,7 +630,7 @@ def load_lm(cfg: ml_collections.ConfigDict, seed: int = 0, role: str = "teacher"
         ckpt = gemma_weights.load_gemma_checkpoint(cfg.checkpoint)
         model = gemma_weights.build_gemma(ckpt.config, param_dtype=resolve_auto_dtype(cfg.param_dtype),
                                           dtype=resolve_auto_dtype(cfg.dtype), seed=seed, random_init=False)
-        gemma_weights.load_hf_weights(model, ckpt.weights, ckpt.description)
+        gemma_weights.load_hf_weights(model, ckpt.weights, ckpt.description, placement)
         tokenizer = gemma_weights.load_tokenizer(cfg.tokenizer or ckpt.tokenizer_source)
         description = ckpt.description
     logging.info("%s: %s (%s) loaded in %.1fs", role, description, cfg.model, time.perf_counter() - start)
@@ -661,7 +664,7 @@ class Teacher:
     def from_config(cls, cfg: ml_collections.ConfigDict, mesh: Mesh, rules=sharding.DEFAULT_RULES,
                     seed: int = 0) -> Teacher:
         validate_config(cfg)
-        model, tokenizer = load_lm(cfg, seed, "teacher")
+        model, tokenizer = load_lm(cfg, seed, "teacher", mesh, rules)
         return cls(model, tokenizer, cfg, mesh, rules)
 
     def tokenize(self, queries: Sequence[str], passages: Sequence[Any], languages: Sequence[str]) -> TokenizedPairs:

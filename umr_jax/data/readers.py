@@ -16,11 +16,13 @@ import collections
 import csv
 import dataclasses
 import gzip
+import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
+import numpy as np
 from absl import logging
 
 from umr_jax.data.languages import normalize_language_code
@@ -46,6 +48,9 @@ class Passage:
     text: str
     title: str = ""
     lang: str = ""  # '' = unknown (DPR TSV has no language column)
+    # Byte offset of the passage's line in its corpus file (-1: not from a file), so that a later stage
+    # can seek to the few passages it needs instead of reading the corpus again (see PassageOffsets).
+    offset: int = dataclasses.field(default=-1, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +244,7 @@ def iter_passage_chunks(path: str | os.PathLike, chunk_size: int, *, shard_index
     seen: set[str] = set()
     with _open_binary(path) as f:
         parse, line_no = _corpus_parser(f, path, max_line_bytes)
+        offset = f.tell()
         chunk, data_line = 0, 0
         while True:
             mine = chunk % num_shards == shard_index and chunk not in skip
@@ -246,6 +252,7 @@ def iter_passage_chunks(path: str | os.PathLike, chunk_size: int, *, shard_index
             for raw in f:
                 line_no += 1
                 data_line += 1
+                line_offset, offset = offset, offset + len(raw)
                 if mine:
                     report.read += 1
                     try:
@@ -253,7 +260,7 @@ def iter_passage_chunks(path: str | os.PathLike, chunk_size: int, *, shard_index
                         if p.id in seen:
                             raise InputError(path, line_no, f"duplicate id: {p.id!r}")
                         seen.add(p.id)
-                        passages.append(p)
+                        passages.append(dataclasses.replace(p, offset=line_offset))
                         report.used += 1
                     except InputError as e:
                         report.reject(e, on_error)
@@ -268,18 +275,74 @@ def iter_passage_chunks(path: str | os.PathLike, chunk_size: int, *, shard_index
             chunk += 1
 
 
-def lookup_passages(path: str | os.PathLike, ids: Iterable[str], *, on_error: OnError = "raise",
-                    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> dict[str, Passage]:
-    """The passages with the given ids, in one streaming pass (R@kt needs the top-k texts, not 21M).
+def passage_id_hashes(ids: Iterable[str]) -> np.ndarray:
+    """64-bit hashes of passage ids (BLAKE2b; the same in every process and run): 8 bytes an id, where the
+    ids themselves (a URL each, in some corpora) would take any width."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little")
+                        for i in ids), dtype=np.uint64)
 
-    Ids that the corpus lacks are an error: a retrieved id must exist.
+
+@dataclasses.dataclass(frozen=True)
+class PassageOffsets:
+    """Where each passage's line starts in the corpus file, keyed by id hash, sorted: 16 bytes a passage.
+
+    Recorded while the corpus is encoded (one pass over it that happens anyway), it
+    lets every later stage read just the passages it needs by seeking to them.
+    """
+
+    hashes: np.ndarray  # (n,) uint64, ascending
+    offsets: np.ndarray  # (n,) int64, the byte offsets in the same order
+
+    @classmethod
+    def build(cls, hashes: np.ndarray, offsets: np.ndarray) -> PassageOffsets:
+        order = np.argsort(hashes, kind="stable")
+        return cls(np.ascontiguousarray(hashes[order]), np.ascontiguousarray(offsets[order], dtype=np.int64))
+
+    def candidates(self, ids: Sequence[str]) -> list[tuple[int, str]]:
+        """(offset, id) of every line that may hold each id: usually one; more if two ids' hashes collide."""
+        hashes = passage_id_hashes(ids)
+        lo, hi = np.searchsorted(self.hashes, hashes, "left"), np.searchsorted(self.hashes, hashes, "right")
+        return [(int(o), i) for i, a, b in zip(ids, lo, hi, strict=True) for o in self.offsets[a:b]]
+
+
+def lookup_passages(path: str | os.PathLike, ids: Iterable[str], *, offsets: PassageOffsets | None = None,
+                    on_error: OnError = "raise", max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+                    chunk_size: int = 1 << 16) -> dict[str, Passage]:
+    """The passages with the given ids; nothing else of the corpus is kept (R@kt needs the top-k texts, not 21M).
+
+    With `offsets`, the wanted lines are read by seeking to them, in file order;
+    without, in one streaming pass that keeps a chunk of `chunk_size` lines at a
+    time. Ids that the corpus lacks are an error: a retrieved id must exist.
     """
     wanted, found = set(ids), {}
-    for _, chunk, _ in iter_passage_chunks(path, 1 << 30, on_error=on_error, max_line_bytes=max_line_bytes):
-        found.update((p.id, p) for p in chunk if p.id in wanted)
+    if offsets is not None:
+        found = _read_at_offsets(str(path), offsets.candidates(sorted(wanted)), max_line_bytes)
+    else:
+        for _, chunk, _ in iter_passage_chunks(path, chunk_size, on_error=on_error, max_line_bytes=max_line_bytes):
+            found.update((p.id, p) for p in chunk if p.id in wanted)
     missing = wanted - found.keys()
     if missing:
-        raise KeyError(f"{path}: {len(missing)} passage ids not in the corpus, e.g. {sorted(missing)[:5]}")
+        where = ("at the offsets recorded when the corpus was encoded (did the file change since?)"
+                 if offsets is not None else "in the corpus")
+        raise KeyError(f"{path}: {len(missing)} passage ids not {where}, e.g. {sorted(missing)[:5]}")
+    return found
+
+
+def _read_at_offsets(path: str, candidates: list[tuple[int, str]], max_line_bytes: int) -> dict[str, Passage]:
+    """The passages of (offset, id) pairs; a line whose id is not the wanted one is a hash collision's other id."""
+    found: dict[str, Passage] = {}
+    with _open_binary(path) as f:
+        parse, _ = _corpus_parser(f, path, max_line_bytes)
+        for offset, pid in sorted(candidates):  # forward seeks only: a .gz file is read at most once
+            f.seek(offset)
+            raw = f.readline(max_line_bytes + 2)
+            try:
+                p = parse(_decode(raw, path, 0, max_line_bytes), 0)
+            except InputError as e:
+                raise InputError(path, 0, f"byte {offset}: {e.reason} (the line of passage {pid!r} when it was "
+                                          "encoded: the corpus changed since; encode it again)") from None
+            if p.id == pid:
+                found[pid] = dataclasses.replace(p, offset=offset)
     return found
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from umr_jax.models.bert import BertEncoder
 from umr_jax.models.state_dict import CheckpointError as CheckpointError  # re-exported: its historical home
-from umr_jax.models.state_dict import Slot, export_state_dict, load_state_dict, to_hf, to_ours
+from umr_jax.models.state_dict import Placement, Slot, export_state_dict, load_state_dict, to_hf, to_ours
 
 # Tensors that HF BERT checkpoints carry but a pooled retriever never uses.
 _IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
@@ -61,14 +61,17 @@ def _slots(model: BertEncoder) -> Iterator[Slot]:
         yield p + "output.LayerNorm.bias", layer.ffn_norm.bias, (h,), "same"
 
 
-def load_hf_weights(model: BertEncoder, weights: Mapping[str, np.ndarray], source: str) -> None:
-    """Copies HF-named tensors into `model`; every tensor must be present and fit."""
+def load_hf_weights(model: BertEncoder, weights: Mapping[str, np.ndarray], source: str,
+                    placement: Placement | None = None) -> None:
+    """Copies HF-named tensors into `model`; every tensor must be present and fit (placed on the mesh
+    shard by shard with `placement`, see load_state_dict)."""
     cfg = model.config
     load_state_dict(
         _slots(model), _canonical_names(weights), source, lambda x, layout: to_ours(x, layout, cfg.head_dim),
         config_fields=f"hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, vocab {cfg.vocab_size}",
         missing_hint="is this a BERT checkpoint?",
-        unexpected_hint=f"the config's num_hidden_layers is {cfg.num_hidden_layers}")
+        unexpected_hint=f"the config's num_hidden_layers is {cfg.num_hidden_layers}",
+        placement=placement)
 
 
 def export_hf_weights(model: BertEncoder) -> dict[str, np.ndarray]:

@@ -52,6 +52,7 @@ from umr_jax.models.gemma import MODEL_TYPES, Gemma3, Gemma3Config, default_laye
 from umr_jax.models.hf_checkpoint import HUB_ID, download_from_hub, read_config_json, read_hf_weights
 from umr_jax.models.state_dict import (
     CheckpointError,
+    Placement,
     Slot,
     export_state_dict,
     load_state_dict,
@@ -162,8 +163,10 @@ def canonical_names(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def load_hf_weights(model: Gemma3, weights: Mapping[str, np.ndarray], source: str) -> None:
-    """Copies HF-named tensors into `model`; every tensor must be present and fit."""
+def load_hf_weights(model: Gemma3, weights: Mapping[str, np.ndarray], source: str,
+                    placement: Placement | None = None) -> None:
+    """Copies HF-named tensors into `model`; every tensor must be present and fit (placed on the mesh
+    shard by shard with `placement`, see load_state_dict)."""
     cfg = model.config
     weights = canonical_names(weights)
     if model.lm_head is None and "lm_head.weight" in weights:
@@ -183,7 +186,8 @@ def load_hf_weights(model: Gemma3, weights: Mapping[str, np.ndarray], source: st
         missing_hint=(f"is this a Gemma 3 checkpoint matching its config (num_hidden_layers "
                       f"{cfg.num_hidden_layers}, tie_word_embeddings {cfg.tie_word_embeddings})?"),
         unexpected_hint=(f"the config has num_hidden_layers {cfg.num_hidden_layers} and tie_word_embeddings "
-                         f"{cfg.tie_word_embeddings}"))
+                         f"{cfg.tie_word_embeddings}"),
+        placement=placement)
 
 
 def export_hf_weights(model: Gemma3) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 DTYPES: dict[str, jnp.dtype] = {
@@ -77,7 +78,10 @@ def random_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None,
     seconds on a CPU host, and the checkpoint overwrites it anyway.
     """
     if not random_init:
-        return annotated(jnp.zeros(shape, dtype), axes)
+        # A host placeholder (numpy's zeros are untouched pages, so not even host memory): the checkpoint's
+        # tensor replaces it, placed shard by shard on the mesh (state_dict.load_state_dict), so no device
+        # ever holds a whole parameter of a model larger than one chip.
+        return annotated(np.zeros(shape, jnp.dtype(dtype)), axes)
     return annotated(nnx.initializers.normal(stddev=stddev)(rngs.params(), shape, dtype), axes)
 
 

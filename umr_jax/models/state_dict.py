@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -20,6 +21,8 @@ from flax import nnx
 # (hf_name, our_param, hf_shape, layout): layout names how the PyTorch tensor
 # becomes ours ('same', 'T', or a family-specific head reshaping).
 Slot = tuple[str, nnx.Param, tuple[int, ...], str]
+# Where a parameter lives on the mesh (sharding.variable_sharding bound to a mesh).
+Placement = Callable[[nnx.Param], jax.sharding.Sharding]
 
 
 class CheckpointError(ValueError):
@@ -65,8 +68,14 @@ def to_hf(x: np.ndarray, layout: str) -> np.ndarray:
 
 def load_state_dict(slots: Iterable[Slot], weights: Mapping[str, np.ndarray], source: str,
                     to_ours: Callable[[np.ndarray, str], np.ndarray], *, config_fields: str,
-                    missing_hint: str, unexpected_hint: str) -> None:
+                    missing_hint: str, unexpected_hint: str,
+                    placement: Placement | None = None) -> None:
     """Copies HF-named tensors into the slots' parameters: every tensor present and fitting, none left over.
+
+    With `placement` (a parameter's sharding on the mesh), each tensor goes
+    straight to its shards: a device receives only its slice, so a model larger
+    than one chip loads on a `model`-sharded mesh (the host converts one tensor
+    at a time). Without, a tensor lands whole on the default device.
 
     `weights` holds canonical names only (each family folds prefixes, aliases
     and tensors it ignores first). Errors start with `source`; a wrong shape
@@ -83,7 +92,13 @@ def load_state_dict(slots: Iterable[Slot], weights: Mapping[str, np.ndarray], so
         if tuple(value.shape) != shape:
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(value.shape)} but the config "
                                   f"({config_fields}) expects {shape}")
-        param.set_value(jnp.asarray(to_ours(value, layout), dtype=param.get_value().dtype))
+        dtype = param.get_value().dtype
+        if placement is None:
+            param.set_value(jnp.asarray(to_ours(value, layout), dtype=dtype))
+        else:
+            host = np.asarray(to_ours(value, layout)).astype(dtype, copy=False)
+            param.set_value(jax.make_array_from_callback(host.shape, placement(param),
+                                                         lambda index, host=host: host[index]))
         used.add(name)
     if missing:
         raise CheckpointError(f"{source}: missing tensors {name_list(missing)}; {missing_hint}")

@@ -39,7 +39,15 @@ from flax import nnx
 
 from umr_jax import atomic
 from umr_jax.models.hf_checkpoint import HUB_ID, download_from_hub, read_config_json, read_hf_weights
-from umr_jax.models.state_dict import CheckpointError, Slot, export_state_dict, load_state_dict, to_hf, to_ours
+from umr_jax.models.state_dict import (
+    CheckpointError,
+    Placement,
+    Slot,
+    export_state_dict,
+    load_state_dict,
+    to_hf,
+    to_ours,
+)
 from umr_jax.models.t5 import MODEL_TYPES, MT5, T5Config
 
 _ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -141,8 +149,10 @@ def _resolve_embeddings(model: MT5, weights: Mapping[str, np.ndarray], source: s
     return out
 
 
-def load_hf_weights(model: MT5, weights: Mapping[str, np.ndarray], source: str) -> None:
-    """Copies HF-named tensors into `model`; every tensor must be present and fit."""
+def load_hf_weights(model: MT5, weights: Mapping[str, np.ndarray], source: str,
+                    placement: Placement | None = None) -> None:
+    """Copies HF-named tensors into `model`; every tensor must be present and fit (placed on the mesh
+    shard by shard with `placement`, see load_state_dict)."""
     cfg = model.config
     load_state_dict(
         _slots(model), _resolve_embeddings(model, weights, source), source,
@@ -153,7 +163,8 @@ def load_hf_weights(model: MT5, weights: Mapping[str, np.ndarray], source: str) 
                       f"{cfg.feed_forward_proj!r}, num_layers {cfg.num_layers}, num_decoder_layers "
                       f"{cfg.num_decoder_layers})?"),
         unexpected_hint=(f"the config has num_layers {cfg.num_layers}, num_decoder_layers "
-                         f"{cfg.num_decoder_layers}, feed_forward_proj {cfg.feed_forward_proj!r}"))
+                         f"{cfg.num_decoder_layers}, feed_forward_proj {cfg.feed_forward_proj!r}"),
+        placement=placement)
 
 
 def export_hf_weights(model: MT5) -> dict[str, np.ndarray]:

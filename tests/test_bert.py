@@ -136,3 +136,25 @@ def test_packed_rows_equal_one_text_per_row():
             ids = np.asarray([t], np.int32)
             expected = torch_pooled(ref, ids, np.ones_like(ids), pooling, normalize=True)[0]
             np.testing.assert_allclose(got[i], expected, atol=1e-4, rtol=0)
+
+
+def test_scanned_layers_give_the_unrolled_encoding_and_training_stays_unrolled():
+    """retriever.scan_layers: blocks 2..n as one lax.scan give the same embeddings (inference); with dropout
+    on (training) the loop runs unrolled, so each layer keeps its own dropout mask."""
+    from umr_jax.models.layers import set_scan_layers
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.5)
+    model = BertEncoder(config, rngs=nnx.Rngs(params=0, dropout=1))
+    ids = jnp.array(np.random.default_rng(0).integers(1, 64, (3, 12)))
+    mask = jnp.ones((3, 12), jnp.int32).at[1, 7:].set(0)
+    run = nnx.jit(lambda m, i, k, d: m(i, k, deterministic=d), static_argnums=3)
+    unrolled = run(model, ids, mask, True)
+
+    def program(deterministic: bool) -> str:
+        graphdef, state = nnx.split(model)
+        return str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(ids, mask, deterministic=deterministic))(state))
+
+    assert "scan" not in program(True)
+    set_scan_layers(model, True)
+    np.testing.assert_allclose(run(model, ids, mask, True), unrolled, atol=1e-6)
+    assert "scan" in program(True) and "scan" not in program(False)

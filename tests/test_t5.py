@@ -458,3 +458,18 @@ def test_config_validation():
     hf = T5Config(**TINY).to_hf_dict()
     assert hf["model_type"] == "mt5" and hf["architectures"] == ["MT5ForConditionalGeneration"]
     assert T5Config.from_hf_dict(hf) == T5Config(**TINY)
+
+
+def test_scanned_blocks_give_the_unrolled_logits():
+    """teacher.scan_layers: each stack's blocks after the first (which owns the position table) as one
+    lax.scan; the teacher-forced logits are those of the unrolled loop."""
+    from umr_jax.models.layers import set_scan_layers
+    model = build_mt5(T5Config(**{**TINY, "num_layers": 3, "num_decoder_layers": 4}), seed=2)
+    rng = np.random.default_rng(0)
+    ids, dec = (jnp.array(rng.integers(1, 128, shape)) for shape in ((2, 9), (2, 5)))
+    mask, dec_mask = jnp.ones((2, 9), jnp.int32).at[0, 6:].set(0), jnp.ones((2, 5), jnp.int32)
+    run = nnx.jit(lambda m, *a: m(*a, deterministic=True))
+    unrolled = run(model, ids, mask, dec, dec_mask)
+    set_scan_layers(model, True)
+    assert model.encoder.scan_layers and model.decoder.scan_layers
+    np.testing.assert_allclose(run(model, ids, mask, dec, dec_mask), unrolled, atol=1e-5)

@@ -32,7 +32,7 @@ from umr_jax.models.bert_checkpoint import (
 )
 from umr_jax.models.bert_weights import load_hf_weights
 from umr_jax.models.hf_checkpoint import default_e5_tokenizer_file, load_tokenizer
-from umr_jax.models.layers import resolve_auto_dtype
+from umr_jax.models.layers import resolve_auto_dtype, set_scan_layers
 from umr_jax.models.state_dict import Placement
 
 TOWERS = ("query", "passage")
@@ -68,6 +68,9 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.tokens_per_batch = 4096  # rows x length per batch
     # checkpoint='random': a randomly initialised encoder of this shape (tests,
     # configs/tiny.py) with the tokenizer above ('' = multilingual-e5's).
+    # The encoder's layers as one lax.scan when encoding (models.layers.run_blocks): compiled once instead
+    # of once per layer (bench/compile.py); training runs them unrolled.
+    cfg.scan_layers = False
     cfg.random = ml_collections.ConfigDict(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                 intermediate_size=64, max_position_embeddings=512))
     return cfg
@@ -111,6 +114,7 @@ class Retriever:
     def __init__(self, model: DualEncoder, tokenizer: Any, cfg: ml_collections.ConfigDict,
                  mesh: Mesh, rules=sharding.DEFAULT_RULES):
         self.model, self.tokenizer, self.cfg, self.mesh, self.rules = model, tokenizer, cfg, mesh, rules
+        set_scan_layers(model, bool(cfg.get("scan_layers", False)))
         self.param_shardings = sharding.shard_module(model, mesh, rules)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._encode_fns: dict[str, Any] = {}
@@ -145,8 +149,8 @@ class Retriever:
 
     def tokenize(self, texts: Sequence[str], tower: str, batch: int = 1024) -> list[list[int]]:
         """Token ids, truncated, `batch` texts per tokenizer call: a fast tokenizer's result keeps every
-        token's string and offsets, and the whole untruncated text as overflow (~40 kB for a 100-word
-        passage), so a corpus chunk tokenized in one call would hold gigabytes."""
+        token's string and offsets and the truncated-off rest as overflow, so a corpus chunk tokenized in
+        one call held gigabytes (~60 kB a passage for bench/scale.py's ~290-token passages)."""
         prefix = self.cfg.query_prefix if tower == "query" else self.cfg.passage_prefix
         max_length = self.max_length(tower)
         return [ids for start in range(0, len(texts), batch)

@@ -59,7 +59,7 @@ from umr_jax.batching import (
     plan_pair_groups,
 )
 from umr_jax.data.languages import LANGUAGE_NAMES, language_name
-from umr_jax.models.layers import resolve_auto_dtype
+from umr_jax.models.layers import resolve_auto_dtype, set_scan_layers
 
 REDUCTIONS = ("mean", "sum")
 TRUNCATIONS = ("input", "passage")
@@ -116,6 +116,9 @@ def default_config() -> ml_collections.ConfigDict:
     # Rows x length per batch: 4,096 is fastest on a 2-core CPU in bfloat16
     # (2,048 in float32; bench/score.py); accelerators want 16k and more.
     cfg.tokens_per_batch = 4096
+    # mT5: each stack's blocks as one lax.scan (models.layers.run_blocks), compiled once instead of once
+    # per layer; bench/compile.py measures the compile time it saves. (Gemma's loop is not scanned.)
+    cfg.scan_layers = False
     cfg.vocab_chunk = 16384  # LM-head columns per log-sum-exp step; 0 = whole vocabulary at once
     # checkpoint='random': a randomly initialised Gemma 3 of this shape (tests,
     # configs/tiny.py) with the tokenizer above ('' = the packaged GGUF's).
@@ -644,6 +647,7 @@ class Teacher:
                  rules=sharding.DEFAULT_RULES):
         validate_config(cfg)
         self.model, self.tokenizer, self.cfg, self.mesh, self.rules = model, tokenizer, cfg, mesh, rules
+        set_scan_layers(model, bool(cfg.get("scan_layers", False)))
         self.param_shardings = sharding.shard_module(model, mesh, rules)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         encoder_decoder = cfg.model == "mt5"

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from umr_jax.models.layers import annotated, mixed_dot, random_param, resolve_dtype, softmax_attention
+from umr_jax.models.layers import annotated, mixed_dot, random_param, resolve_dtype, run_blocks, softmax_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +215,7 @@ class BertEncoder(nnx.Module):
                   random_init=random_init)
         self.embeddings = Embeddings(cfg, **kw)
         self.layers = nnx.List([Layer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+        self.scan_layers = False  # layers.run_blocks: one compiled layer for inference (layers.set_scan_layers)
 
     def hidden_states(self, ids: jax.Array, mask: jax.Array, *, deterministic: bool = True) -> jax.Array:
         """Final-layer token states, shape (batch, length, hidden)."""
@@ -224,9 +225,7 @@ class BertEncoder(nnx.Module):
         return self._layers(self.embeddings(ids, deterministic=deterministic), bias, deterministic)
 
     def _layers(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
-        for layer in self.layers:
-            x = layer(x, bias, deterministic=deterministic)
-        return x
+        return run_blocks(self.layers, x, bias, scan=self.scan_layers, deterministic=deterministic)
 
     def _finish(self, pooled: jax.Array) -> jax.Array:
         if self.normalize:

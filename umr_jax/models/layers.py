@@ -7,7 +7,8 @@ otherwise be copied verbatim between them. Parameters carry logical axis names
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -135,3 +136,36 @@ def softmax_attention(logits: jax.Array, v: jax.Array, equation: str, dtype: jnp
         weights = dropout(weights)
     out = jnp.einsum(equation, weights.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
     return (out / totals).astype(dtype)
+
+
+def run_blocks(blocks: Sequence[nnx.Module], x: jax.Array, *args: Any, scan: bool, deterministic: bool) -> jax.Array:
+    """`x` through `blocks` in order; with `scan`, blocks 2..n as one `lax.scan` over their stacked weights.
+
+    A scanned layer loop is traced and compiled once instead of once per layer
+    (MaxText's scan_layers): compile time stops growing with depth. The weights
+    keep their per-layer layout (checkpoints, sharding and export do not
+    change); they are stacked inside the program. The first block runs alone
+    because it may differ (a T5 stack's first block owns the relative position
+    table). Only inference scans: a scanned block would draw the same dropout
+    mask in every layer, so with dropout on the loop runs unrolled.
+    """
+    if not scan or not deterministic or len(blocks) < 3:
+        for block in blocks:
+            x = block(x, *args, deterministic=deterministic)
+        return x
+    x = blocks[0](x, *args, deterministic=deterministic)
+    graphdef, _ = nnx.split(blocks[1])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks[1:]])
+
+    def body(h: jax.Array, state: Any) -> tuple[jax.Array, None]:
+        return nnx.merge(graphdef, state)(h, *args, deterministic=True), None
+
+    x, _ = jax.lax.scan(body, x, stacked)
+    return x
+
+
+def set_scan_layers(module: nnx.Module, scan: bool) -> None:
+    """Turns layer scanning (run_blocks) on or off in every submodule that has a `scan_layers` switch."""
+    for _, sub in module.iter_modules():
+        if hasattr(sub, "scan_layers"):
+            sub.scan_layers = scan

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from umr_jax.models.layers import RMSNorm, mixed_dot, random_param, resolve_dtype, softmax_attention
+from umr_jax.models.layers import RMSNorm, mixed_dot, random_param, resolve_dtype, run_blocks, softmax_attention
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -444,14 +444,14 @@ class _Stack(nnx.Module):
                  dtype: jnp.dtype, rngs: nnx.Rngs, random_init: bool = True):
         kw = dict(param_dtype=param_dtype, dtype=dtype, rngs=rngs, random_init=random_init)
         self.layers = nnx.List([block(cfg, first=i == 0, **kw) for i in range(num_blocks)])
+        self.scan_layers = False  # layers.run_blocks: one compiled block for inference (layers.set_scan_layers)
         self.final_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon, param_dtype)
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
     def _run(self, x: jax.Array, *args: jax.Array, deterministic: bool) -> jax.Array:
         """Dropout, every block with `args`, the final norm, dropout."""
         x = self.dropout(x, deterministic=deterministic)
-        for layer in self.layers:
-            x = layer(x, *args, deterministic=deterministic)
+        x = run_blocks(self.layers, x, *args, scan=self.scan_layers, deterministic=deterministic)
         return self.dropout(self.final_norm(x), deterministic=deterministic)
 
 

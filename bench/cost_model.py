@@ -195,6 +195,10 @@ ASSUMPTIONS: dict[str, Assumption] = {a.name: a for a in [
                "activation memory per layer per token = h (10 + 24/t + 5 a s / (h t)) bytes with 16-bit "
                "activations and t-way tensor parallelism (Korthikanti et al. 2022, 'Reducing Activation "
                "Recomputation', eq. 2); inference keeps one layer's worth live"),
+    Assumption("scale_float32_copies_in_index_stage", 2,
+               "at the index stage's peak, bench/scale.py holds two float32 copies of the embeddings (the matrix read "
+               "from the store and ScaNN's copy kept for reordering): its bytes a passage at 32 dimensions grow by "
+               "2 x 4 bytes per extra dimension; ids (~75 bytes) and ScaNN's codes do not grow with it"),
     Assumption("scann_kmeans_iterations", 10, "k-means iterations of ScaNN's tree training (build FLOPs lower bound)"),
     Assumption("train_mfu_equals_encode_bf16_mfu", 1.0,
                "training MFU was never measured: assume the training step (forward + backward of the same BERT "
@@ -475,9 +479,21 @@ def scann_params(n: int, k: int) -> dict[str, int]:
             "reorder": max(10 * k, 400), "training_sample_size": min(n, 250_000), "dims_per_block": 2}
 
 
-def sizes(w: Workload) -> dict[str, float]:
-    """Bytes of the embedding matrix and of each index backend at the repo's defaults."""
+SCALE_DIM = 32  # bench/scale.py's embedding dimension (configs/scale.py's random retriever)
+
+
+def sizes(w: Workload, measured: dict[str, dict] | None = None) -> dict[str, float]:
+    """Bytes of the embedding matrix and of each index backend at the repo's defaults; with bench/scale.py's
+    figures, the measured host memory and disk per passage carried to the paper's dimension."""
     n, d = w.passages, w.embed_dim
+    scaled = {}
+    if measured and "scale_index_rss_bytes_per_passage" in measured:
+        extra = d - SCALE_DIM
+        ram = measured["scale_index_rss_bytes_per_passage"]["value"] + \
+            assumption("scale_float32_copies_in_index_stage") * 4 * extra
+        disk = measured["scale_encode_written_bytes_per_passage"]["value"] + 4 * extra
+        scaled = {"index_stage_ram_per_passage": ram, "index_stage_ram_all_processes": n * ram,
+                  "encode_written_per_passage": disk, "encode_written_per_round": n * disk}
     sp = scann_params(n, w.k)
     ah = n * math.ceil(d / sp["dims_per_block"]) * 4 / 8  # one 4-bit code per block of 2 dims
     reorder = n * d * 4  # ScaNN keeps the float32 dataset for the exact reordering
@@ -493,6 +509,7 @@ def sizes(w: Workload) -> dict[str, float]:
         "workdir_disk_total": w.encodings * n * (d * 4.0 + 9 + 16),
         "scann_ah_codes": ah, "scann_reorder_f32": reorder, "scann_centroids": sp["num_leaves"] * d * 4.0,
         "scann_leaf_ids": n * 4.0, "scann_total": ah + reorder + sp["num_leaves"] * d * 4.0 + n * 4.0,
+        **scaled,
     }
 
 
@@ -563,7 +580,7 @@ def evaluate(model: Encoder, teacher: T5, w: Workload, measured: dict, override:
     result = {"workload": dataclasses.asdict(w) | {"train_steps": w.train_steps, "teacher_pairs": w.teacher_pairs},
               "models": {"retriever": dataclasses.asdict(model) | {"params": model.params()},
                          "teacher": dataclasses.asdict(teacher) | {"params": teacher.params()}},
-              "flops_per_run": flops, "runs": runs, "utilisation": util, "sizes": sizes(w),
+              "flops_per_run": flops, "runs": runs, "utilisation": util, "sizes": sizes(w, measured),
               "flop_convention_check": flop_convention_check(measured),
               "assumptions": {a.name: {"value": a.value, "why": a.why} for a in ASSUMPTIONS.values()},
               "platforms": {}}
@@ -671,6 +688,12 @@ def report(r: dict) -> list[str]:
               f"| ScaNN: float32 dataset kept for reordering | {_gb(s['scann_reorder_f32'])} |",
               f"| ScaNN: tree centroids + leaf ids | {_gb(s['scann_centroids'] + s['scann_leaf_ids'])} |",
               f"| ScaNN index total | {_gb(s['scann_total'])} |"]
+    if "index_stage_ram_per_passage" in s:
+        lines += [f"| host RAM growth of the index stage with ScaNN, summed over the processes (bench/scale.py: "
+                  f"{s['index_stage_ram_per_passage']:,.0f} bytes a passage at {w['embed_dim']} dimensions) | "
+                  f"{_gb(s['index_stage_ram_all_processes'])} |",
+                  f"| disk written per corpus encoding (bench/scale.py: {s['encode_written_per_passage']:,.0f} "
+                  f"bytes a passage at {w['embed_dim']} dimensions) | {_gb(s['encode_written_per_round'])} |"]
     lines += ["", "### Assumptions", ""]
     lines += [f"- `{name}` = {a['value']:,.0f}: {a['why']}" if a["value"] == int(a["value"])
               else f"- `{name}` = {a['value']:g}: {a['why']}" for name, a in r["assumptions"].items()]

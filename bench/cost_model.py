@@ -231,6 +231,9 @@ class Workload:
     rounds: int = 2
     k: int = 100
     train_queries: int = 15_250
+    rank_queries: int = 500  # configs/xor.py train.rank_queries: held out for checkpoint selection, not trained on
+    rank_pool: int = 31  # each held-out query's teacher top-1 and train.rank_negatives = 30 candidates
+    evals_per_epoch: int = 4
     dev_queries: int = 2_110
     queries_per_batch: int = 16
     passages_per_query: int = 16
@@ -251,8 +254,15 @@ class Workload:
 
     @property
     def train_steps(self) -> int:
-        """umr_jax/distill.py `steps_for`: ceil(epochs x queries / B)."""
-        return max(1, math.ceil(self.epochs * self.train_queries / self.queries_per_batch))
+        """umr_jax/distill.py `steps_for`: ceil(epochs x (queries - held out) / B)."""
+        return max(1, math.ceil(self.epochs * (self.train_queries - self.rank_queries) / self.queries_per_batch))
+
+    @property
+    def rank_evaluations(self) -> int:
+        """Average-rank evaluations a round (distill.train): every ceil(steps per epoch / evals) steps, and the last."""
+        every = max(1, math.ceil((self.train_queries - self.rank_queries) / self.queries_per_batch
+                                 / self.evals_per_epoch))
+        return self.train_steps // every + (self.train_steps % every != 0)
 
     @property
     def teacher_pairs(self) -> int:
@@ -300,9 +310,17 @@ def stage_flops(model: Encoder, teacher: T5, w: Workload) -> dict[str, dict[str,
         "teacher": {"model": w.teacher_pairs * teacher.pair_flops(w.teacher_input, w.teacher_target),
                     "executed": w.teacher_pairs * teacher.pair_flops(w.teacher_input_padded,
                                                                      w.teacher_target_padded)},
-        "train": {"model": w.train_steps * train_step_flops(model, w, padded=False),
-                  "executed": w.train_steps * train_step_flops(model, w, padded=True)},
+        "train": {"model": w.train_steps * train_step_flops(model, w, False) + rank_eval_flops(model, w, False),
+                  "executed": w.train_steps * train_step_flops(model, w, True) + rank_eval_flops(model, w, True)},
     }
+
+
+def rank_eval_flops(model: Encoder, w: Workload, padded: bool) -> float:
+    """train.select='average_rank': each evaluation embeds the held-out queries and their pools' passages."""
+    p_len = w.train_passage_padded if padded else w.passage_tokens
+    q_len = w.train_query_padded if padded else w.query_tokens
+    per_eval = model.forward_flops(q_len, w.rank_queries) + model.forward_flops(p_len, w.rank_queries * w.rank_pool)
+    return w.rank_evaluations * per_eval
 
 
 def runs_per_stage(w: Workload) -> dict[str, int]:
@@ -577,7 +595,8 @@ def evaluate(model: Encoder, teacher: T5, w: Workload, measured: dict, override:
     flops = stage_flops(model, teacher, w)
     runs = runs_per_stage(w)
     util = utilisation(measured, override)
-    result = {"workload": dataclasses.asdict(w) | {"train_steps": w.train_steps, "teacher_pairs": w.teacher_pairs},
+    result = {"workload": dataclasses.asdict(w) | {"train_steps": w.train_steps, "teacher_pairs": w.teacher_pairs,
+                                                   "rank_evaluations": w.rank_evaluations},
               "models": {"retriever": dataclasses.asdict(model) | {"params": model.params()},
                          "teacher": dataclasses.asdict(teacher) | {"params": teacher.params()}},
               "flops_per_run": flops, "runs": runs, "utilisation": util, "sizes": sizes(w, measured),
@@ -627,6 +646,8 @@ def report(r: dict) -> list[str]:
               f"teacher mT5-XL ({r['models']['teacher']['params']:,} parameters); {w['passages']:,} passages, "
               f"{w['rounds']} rounds: {w['rounds'] + 1} corpus encodings, {w['teacher_pairs']:,} teacher pairs "
               f"({w['train_queries']:,} queries x k = {w['k']}) and {w['train_steps']:,} training steps "
+              f"({w['train_queries'] - w['rank_queries']:,} queries; {w['rank_queries']} held out for "
+              f"{w['rank_evaluations']} average-rank evaluations) "
               f"(B = {w['queries_per_batch']} x n = {w['passages_per_query']}, {w['epochs']:g} epochs) per round.", ""]
     lines += ["### Utilisation (CPU MFU as a proxy for the accelerator's)", "",
               "CPU model-FLOP utilisation is a proxy: it says how well our XLA programs keep the matmul units busy "

@@ -77,7 +77,8 @@ def test_training_step_is_three_forwards_of_both_towers():
     forward = (cm.MBERT.forward_flops(w.train_passage_padded, 16 * 16)
                + cm.MBERT.forward_flops(w.train_query_padded, 16) + 2 * 16 * 256 * 768)
     assert cm.train_step_flops(cm.MBERT, w) == pytest.approx(3 * forward, rel=1e-12)
-    assert w.train_steps == 9532  # ceil(10 epochs x 15,250 queries / 16)
+    assert w.train_steps == 9219  # ceil(10 epochs x (15,250 - 500 held out) queries / 16)
+    assert w.rank_evaluations == 40  # every ceil(14,750 / 16 / 4) = 231 steps (39 times) and at the last
     assert w.teacher_pairs == 1_525_000 and w.encodings == 3
 
 

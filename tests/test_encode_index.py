@@ -213,10 +213,10 @@ def test_passage_offsets_recorded_while_encoding_find_the_passages_by_seeking(tm
     store = EmbeddingStore(str(tmp_path / "emb"))
     encode_corpus(fake_encode, file_chunks(str(corpus), 4, 1, 2, "skip"), store.directory, process_index=1,
                   process_count=2)
-    assert not store.finished() and store.passage_offsets() is None  # half encoded: never used
+    assert not store_is_complete(store, 2) and store.passage_offsets() is None  # half encoded: never used
     encode_corpus(fake_encode, file_chunks(str(corpus), 4, 0, 2, "skip"), store.directory, process_index=0,
                   process_count=2)
-    assert store.finished() and store.load_ids() == store.load()[0]
+    assert store_is_complete(store, 2) and store.load_ids() == store.load()[0]
     offsets = store.passage_offsets()
     assert len(offsets.hashes) == 22
     wanted = ["p21", "p0", "p12", "p5"]

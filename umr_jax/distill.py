@@ -107,12 +107,17 @@ def default_config() -> ml_collections.ConfigDict:
 SELECT_CHOICES = ("last", "average_rank")
 
 
-def heldout_count(num_queries: int, cfg: ml_collections.ConfigDict) -> int:
-    """How many of `num_queries` teacher-scored queries checkpoint selection holds out (0 for 'last')."""
+def checked_select(cfg: ml_collections.ConfigDict) -> str:
+    """train.select, one of SELECT_CHOICES ('last' in configs written before it existed)."""
     select = cfg.get("select", "last")
     if select not in SELECT_CHOICES:
         raise ValueError(f"train.select={select!r}: choose one of {SELECT_CHOICES}")
-    if select == "last":
+    return select
+
+
+def heldout_count(num_queries: int, cfg: ml_collections.ConfigDict) -> int:
+    """How many of `num_queries` teacher-scored queries checkpoint selection holds out (0 for 'last')."""
+    if checked_select(cfg) == "last":
         return 0
     count = int(cfg.rank_queries)
     if not 0 < count < num_queries:
@@ -138,9 +143,7 @@ def validate_config(cfg: ml_collections.ConfigDict, k: int) -> None:
             raise ValueError(f"train.{key}={cfg[key]} must be >= 1")
     if cfg.epochs <= 0 or cfg.learning_rate <= 0:
         raise ValueError(f"train.epochs={cfg.epochs} and train.learning_rate={cfg.learning_rate} must be > 0")
-    if cfg.select not in SELECT_CHOICES:
-        raise ValueError(f"train.select={cfg.select!r}: choose one of {SELECT_CHOICES}")
-    if cfg.select == "average_rank" and (int(cfg.rank_queries) < 1 or int(cfg.evals_per_epoch) < 1
+    if checked_select(cfg) == "average_rank" and (int(cfg.rank_queries) < 1 or int(cfg.evals_per_epoch) < 1
                                          or int(cfg.rank_negatives) < 0):
         raise ValueError(f"train.select='average_rank' needs train.rank_queries >= 1 (is {cfg.rank_queries}), "
                          f"train.evals_per_epoch >= 1 (is {cfg.evals_per_epoch}) and train.rank_negatives >= 0 "
@@ -239,6 +242,13 @@ def split_heldout(data: TrainingSet, cfg: ml_collections.ConfigDict, seed: int) 
     return subset(~held), subset(held)
 
 
+def rank_pool(heldout: TrainingSet, negatives: int) -> np.ndarray:
+    """(queries, 1 + negatives) passage indices: each held-out query's teacher top-1, then its next candidates
+    in teacher order."""
+    order = np.argsort(-heldout.scores, axis=1, kind="stable")[:, : negatives + 1]
+    return np.take_along_axis(heldout.candidates, order, axis=1)
+
+
 def average_rank(query_embeddings: np.ndarray, passage_embeddings: np.ndarray, heldout: TrainingSet,
                  negatives: int) -> float:
     """DPR's validate_average_rank with the teacher's top-1 as each query's gold passage.
@@ -249,8 +259,7 @@ def average_rank(query_embeddings: np.ndarray, passage_embeddings: np.ndarray, h
     entries score higher) is averaged. `passage_embeddings` are indexed like
     `heldout.passage_tokens`.
     """
-    order = np.argsort(-heldout.scores, axis=1, kind="stable")[:, : negatives + 1]
-    pool = np.take_along_axis(heldout.candidates, order, axis=1)  # (queries, 1 + negatives), top-1 first
+    pool = rank_pool(heldout, negatives)
     gold = np.arange(len(pool)) * pool.shape[1]
     scores = query_embeddings @ passage_embeddings[pool.reshape(-1)].T
     return float(np.mean(np.sum(scores > scores[np.arange(len(pool)), gold][:, None], axis=1)))
@@ -435,7 +444,7 @@ class Trainer:
         self._embed_fns: dict[str, Callable] = {}
         # train.select='average_rank': the best weights so far and their (average rank, step), checkpointed
         # with the rest so that a resumed run selects among every evaluation, not only its own.
-        self.keep_best = cfg.get("select", "last") == "average_rank"
+        self.keep_best = checked_select(cfg) == "average_rank"
         if self.keep_best:
             self.best_params = jax.tree.map(lambda x: x.copy(), self.params)
             self.best = {"rank": np.array(np.inf), "step": np.array(-1)}  # 0-d arrays: what Orbax stores
@@ -496,6 +505,7 @@ class Trainer:
     def embed(self, tokens: Sequence[Sequence[int]], tower: str, buckets: Sequence[int], pad_id: int,
               batch: int = 64) -> np.ndarray:
         """Embeddings of token sequences by one tower with the current parameters (no dropout), float32."""
+        rows = sharding.batch_sharding(self.mesh, 2, self.rules)
         if tower not in self._embed_fns:
             graphdef, rest = self.graphdef, self.rest
 
@@ -503,13 +513,11 @@ class Trainer:
                 return getattr(nnx.merge(graphdef, params, frozen, rest, copy=True), tower)(ids, mask,
                                                                                             deterministic=True)
 
-            rows = sharding.batch_sharding(self.mesh, 2, self.rules)
             frozen_shardings = sharding.state_shardings(self.frozen, self.mesh, self.rules)
             self._embed_fns[tower] = jax.jit(run, in_shardings=(self.param_shardings, frozen_shardings, rows, rows),
                                              out_shardings=rows)
         multiple = sharding.data_parallel_size(self.mesh, self.rules)
         batch = -(-batch // multiple) * multiple
-        rows = sharding.batch_sharding(self.mesh, 2, self.rules)
         parts = []
         for start in range(0, len(tokens), batch):
             chunk = tokens[start:start + batch]
@@ -520,8 +528,7 @@ class Trainer:
 
     def evaluate_average_rank(self, heldout: TrainingSet, pad_id: int) -> float:
         """`average_rank` of the held-out queries with the current parameters (train.select='average_rank')."""
-        order = np.argsort(-heldout.scores, axis=1, kind="stable")[:, : int(self.cfg.rank_negatives) + 1]
-        used = np.unique(np.take_along_axis(heldout.candidates, order, axis=1))
+        used = np.unique(rank_pool(heldout, int(self.cfg.rank_negatives)))
         embedded = self.embed([heldout.passage_tokens[i] for i in used], "passage", self.cfg.passage_buckets, pad_id)
         passages = np.zeros((len(heldout.passage_tokens), embedded.shape[1]), np.float32)
         passages[used] = embedded

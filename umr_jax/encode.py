@@ -126,22 +126,20 @@ class EmbeddingStore:
         try:
             meta = atomic.read_json(marker)
             emb = storage.load_npy(self._path(chunk, ".npy"), mmap=mmap)
-            ids = storage.read_text(self._path(chunk, ".ids.txt")).splitlines()
         except (OSError, ValueError, KeyError) as e:
             raise StoreError(f"{marker}: chunk unreadable ({e})") from None
-        if emb.shape[0] != meta["count"] or len(ids) != meta["count"]:
-            raise StoreError(f"{marker}: marker says {meta['count']} passages, found {emb.shape[0]} embeddings "
-                             f"and {len(ids)} ids")
-        return ids, emb, meta
+        if emb.shape[0] != meta["count"]:
+            raise StoreError(f"{marker}: marker says {meta['count']} passages, found {emb.shape[0]} embeddings")
+        return self._read_ids(chunk, meta), emb, meta
 
     def _read_ids(self, chunk: int, meta: dict) -> list[str]:
+        marker = self._path(chunk, ".json")
         try:
             ids = storage.read_text(self._path(chunk, ".ids.txt")).splitlines()
         except OSError as e:
-            raise StoreError(f"{self._path(chunk, '.json')}: chunk unreadable ({e})") from None
+            raise StoreError(f"{marker}: chunk unreadable ({e})") from None
         if len(ids) != meta["count"]:
-            raise StoreError(f"{self._path(chunk, '.json')}: marker says {meta['count']} passages, found "
-                             f"{len(ids)} ids")
+            raise StoreError(f"{marker}: marker says {meta['count']} passages, found {len(ids)} ids")
         return ids
 
     def mark_done(self, process_index: int, process_count: int, num_chunks: int, report: ReadReport) -> None:
@@ -220,10 +218,6 @@ class EmbeddingStore:
                 seen.add(i)
             raise StoreError(f"{self.directory}: {len(dups)} duplicate passage ids across chunks, "
                              f"e.g. {dups[:5]}")
-
-    def finished(self) -> bool:
-        """Whether every process finished encoding into this store and all its chunk files are there."""
-        return all(map(storage.exists, self.expected_files()))
 
     def passage_offsets(self) -> PassageOffsets | None:
         """Every passage's line offset in the corpus file (all chunks, every process's), or None: encoding is

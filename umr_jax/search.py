@@ -54,8 +54,14 @@ def load_or_build_index(store: encode.EmbeddingStore, directory: str, cfg: ml_co
         directory = os.path.join(directory, f"shard-{process_index}-of-{process_count}")
     if storage.exists(os.path.join(directory, "index.json")):
         logging.info("reusing the index in %s", directory)
-        ids = store.load_ids(process_index, process_count)
-        idx = index.load_index(directory, cfg, mesh, embeddings=lambda: store.load(process_index, process_count)[1])
+        loaded: dict[str, list[str]] = {}
+
+        def embeddings():  # an exact index reads the store once, ids with the embeddings
+            loaded["ids"], matrix = store.load(process_index, process_count)
+            return matrix
+
+        idx = index.load_index(directory, cfg, mesh, embeddings=embeddings)
+        ids = loaded["ids"] if "ids" in loaded else store.load_ids(process_index, process_count)
         if idx.size != len(ids):
             raise ValueError(f"{directory}: an index of {idx.size} passages for a store of {len(ids)}: the store "
                              f"changed since it was built; delete {directory} to build it again")

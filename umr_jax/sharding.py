@@ -126,7 +126,7 @@ def placement(mesh: Mesh, rules=DEFAULT_RULES) -> Callable[[nnx.Variable], Named
 def state_shardings(state: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
     """NamedSharding tree matching an `nnx.State` (or any tree of Variables)."""
     return jax.tree.map(
-        lambda v: v.replace(NamedSharding(mesh, _variable_spec(v, mesh, rules))),
+        lambda v: v.replace(variable_sharding(v, mesh, rules)),
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )

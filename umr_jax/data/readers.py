@@ -139,7 +139,7 @@ class _TsvLayout:
         self.index = {name: names.index(name) for name in TSV_COLUMNS if name in names}
 
 
-def _parse_tsv(text: str, layout: _TsvLayout, path: str, line_no: int) -> Passage:
+def _parse_tsv(text: str, layout: _TsvLayout, path: str, line_no: int, offset: int) -> Passage:
     try:
         fields = next(csv.reader([text], delimiter="\t", strict=True))
     except (csv.Error, StopIteration) as e:
@@ -154,7 +154,7 @@ def _parse_tsv(text: str, layout: _TsvLayout, path: str, line_no: int) -> Passag
         raise InputError(path, line_no, "empty id")
     if not body:
         raise InputError(path, line_no, f"empty text: passage {pid!r}")
-    return Passage(pid, body, title)
+    return Passage(pid, body, title, offset=offset)
 
 
 def corpus_format(path: str | os.PathLike) -> str:
@@ -189,7 +189,7 @@ def _record_language(record: dict, path: str, line_no: int, default: str) -> str
         raise InputError(path, line_no, f"bad language: {e}") from None
 
 
-def _parse_beir_passage(text: str, path: str, line_no: int) -> Passage:
+def _parse_beir_passage(text: str, path: str, line_no: int, offset: int) -> Passage:
     """A BEIR corpus line: `_id` (or `id`, `docid`), `text`, optional `title` and language."""
     record = _json_object(text, path, line_no)
     key = next((k for k in PASSAGE_ID_FIELDS if k in record), None)
@@ -205,13 +205,14 @@ def _parse_beir_passage(text: str, path: str, line_no: int) -> Passage:
         raise InputError(path, line_no, f"empty text: passage {pid!r}")
     if not isinstance(title, str):
         raise InputError(path, line_no, f"bad title: passage {pid!r} has a {type(title).__name__}, not a string")
-    return Passage(pid, body, title.strip(), _record_language(record, path, line_no, ""))
+    return Passage(pid, body, title.strip(), _record_language(record, path, line_no, ""), offset)
 
 
-def _corpus_parser(f, path: str, max_line_bytes: int) -> tuple[Callable[[str, int], Passage], int]:
-    """The line parser of an open corpus file and the number of header lines it consumed."""
+def _corpus_parser(f, path: str, max_line_bytes: int) -> tuple[Callable[[str, int, int], Passage], int]:
+    """The line parser of an open corpus file, `parse(text, line_no, byte_offset)`, and the number of header
+    lines it consumed."""
     if corpus_format(path) == "jsonl":
-        return (lambda text, line_no: _parse_beir_passage(text, path, line_no)), 0
+        return (lambda text, line_no, offset: _parse_beir_passage(text, path, line_no, offset)), 0
     first = f.readline()
     try:
         layout = _TsvLayout(next(csv.reader([_decode(first, path, 1, max_line_bytes)], delimiter="\t")))
@@ -221,7 +222,7 @@ def _corpus_parser(f, path: str, max_line_bytes: int) -> tuple[Callable[[str, in
         raise InputError(path, 1, f"malformed TSV header: {e}") from None
     if not layout.has_header:
         f.seek(0)
-    return (lambda text, line_no: _parse_tsv(text, layout, path, line_no)), int(layout.has_header)
+    return (lambda text, line_no, offset: _parse_tsv(text, layout, path, line_no, offset)), int(layout.has_header)
 
 
 def iter_passage_chunks(path: str | os.PathLike, chunk_size: int, *, shard_index: int = 0, num_shards: int = 1,
@@ -256,11 +257,11 @@ def iter_passage_chunks(path: str | os.PathLike, chunk_size: int, *, shard_index
                 if mine:
                     report.read += 1
                     try:
-                        p = parse(_decode(raw, path, line_no, max_line_bytes), line_no)
+                        p = parse(_decode(raw, path, line_no, max_line_bytes), line_no, line_offset)
                         if p.id in seen:
                             raise InputError(path, line_no, f"duplicate id: {p.id!r}")
                         seen.add(p.id)
-                        passages.append(dataclasses.replace(p, offset=line_offset))
+                        passages.append(p)
                         report.used += 1
                     except InputError as e:
                         report.reject(e, on_error)
@@ -337,12 +338,12 @@ def _read_at_offsets(path: str, candidates: list[tuple[int, str]], max_line_byte
             f.seek(offset)
             raw = f.readline(max_line_bytes + 2)
             try:
-                p = parse(_decode(raw, path, 0, max_line_bytes), 0)
+                p = parse(_decode(raw, path, 0, max_line_bytes), 0, offset)
             except InputError as e:
                 raise InputError(path, 0, f"byte {offset}: {e.reason} (the line of passage {pid!r} when it was "
                                           "encoded: the corpus changed since; encode it again)") from None
             if p.id == pid:
-                found[pid] = dataclasses.replace(p, offset=offset)
+                found[pid] = p
     return found
 
 

@@ -7,10 +7,10 @@ few XQuAD-R sentences and its question, in all 11 languages; --min/--max_prompt_
 long, --num_prompts of them, read from ../shared/data/xquad-r) with the real
 Gemma-3-270M of the packaged GGUF, float32 on both sides:
 
-  * ours: ``nnx.jit(umr_jax.generate.generate)``, the prompts right-padded to
-    one width (the longest prompt, rounded up to a multiple of 8) so that one
-    compiled program serves every batch; over the JAX mesh data-parallel
-    (--data_parallel, default) or on one device;
+  * ours: ``umr_jax.generate.compile_generate``, the reader stage's program,
+    each batch's prompts right-padded to its longest (rounded up to a
+    multiple of 8; one compiled program per width), over the JAX mesh
+    (--mesh_shape, default the reader's: weights split over the cores);
   * transformers: ``AutoModelForCausalLM.from_pretrained(gguf_file=...)``
     (the same file; its weights equal ours, tests/test_gemma.py checks it),
     ``generate`` with the prompts left-padded per batch to the batch's longest,
@@ -53,10 +53,8 @@ _DATA = flags.DEFINE_string("data_dir", DEFAULT_DATA_DIR, "Directory holding xqu
 _SEED = flags.DEFINE_integer("seed", 0, "Which paragraphs make the prompts.")
 _EOS = flags.DEFINE_integer("eos_id", 6, "End-of-sequence id given to both sides: one the model never produces "
                             "(6 is <unused0>), so that every row runs to --max_new_tokens.")
-_DATA_PARALLEL = flags.DEFINE_bool("data_parallel", True, "Ours: batch split over the JAX mesh's devices (one per "
-                                   "core), weights replicated; false: everything on one device.")
-_MESH = flags.DEFINE_list("mesh_shape", ["-1", "1"], "Ours with --data_parallel: the (data, model) mesh; 1,2 "
-                          "splits heads, MLP and vocabulary over the two cores (tensor parallel) instead of rows.")
+_MESH = flags.DEFINE_list("mesh_shape", ["1", "-1"], "Ours: the (data, model) mesh. 1,-1 (read.mesh_shape's default) "
+                          "splits heads, MLP and vocabulary over the cores; -1,1 splits the rows instead.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time both at max_new_tokens=1 (prefill + one token) to "
                                "split the time into prefill and per-step decode (one more compilation).")
 
@@ -138,10 +136,8 @@ def main(argv):
     gemma_weights.load_hf_weights(model, weights, path)
     del weights
     mesh = sharding.make_mesh(tuple(int(x) for x in _MESH.value))
-    if _DATA_PARALLEL.value:
-        sharding.shard_module(model, mesh)
-    print(f"ours: loaded {os.path.basename(path)} in {time.perf_counter() - start:.1f}s; "
-          + (f"data-parallel over mesh {dict(mesh.shape)}" if _DATA_PARALLEL.value else "on one device"),
+    sharding.shard_module(model, mesh)
+    print(f"ours: loaded {os.path.basename(path)} in {time.perf_counter() - start:.1f}s; mesh {dict(mesh.shape)}",
           flush=True)
     start = time.perf_counter()
     ref = transformers.AutoModelForCausalLM.from_pretrained(
@@ -154,19 +150,20 @@ def main(argv):
     if any(_EOS.value in ids for _, ids in prompts):
         raise SystemExit(f"--eos_id {_EOS.value} occurs in a prompt; pick another")
     lengths = [len(ids) for _, ids in prompts]
-    width = -(-max(lengths) // 8) * 8
     batches = [prompts[s:s + batch_size] for s in range(0, len(prompts), batch_size)]
     if len(batches[-1]) < batch_size:  # one shape for ours: pad the last batch with copies, count real rows only
         batches[-1] = batches[-1] + [batches[-1][-1]] * (batch_size - len(batches[-1]))
     real_rows = len(prompts)
     print(f"{len(prompts)} prompts ({', '.join(sorted({lang for lang, _ in prompts}))}), {np.mean(lengths):.0f} "
-          f"tokens on average ({min(lengths)}..{max(lengths)}); {len(batches)} batches of {batch_size}; ours "
-          f"right-padded to {width}, transformers left-padded to each batch's longest; {new_tokens} new tokens "
-          f"per row, {'greedy' if beams == 1 else f'beam search, {beams} beams'}; eos id {_EOS.value} "
+          f"tokens on average ({min(lengths)}..{max(lengths)}); {len(batches)} batches of {batch_size}, padded to "
+          f"each batch's longest (ours: on the right, to a multiple of 8; transformers: on the left); "
+          f"{new_tokens} new tokens per row, {'greedy' if beams == 1 else f'beam search, {beams} beams'}; "
+          f"eos id {_EOS.value} "
           f"({tokenizer.convert_ids_to_tokens(_EOS.value)})", flush=True)
 
     ours_inputs = []
     for batch in batches:
+        width = -(-max(len(x) for _, x in batch) // 8) * 8
         ids, mask = pad_rows([x for _, x in batch], len(batch), width, int(config.pad_token_id))
         ours_inputs.append((ids, mask))
     hf_inputs = []
@@ -179,20 +176,19 @@ def main(argv):
             mask[row, longest - len(x):] = 1
         hf_inputs.append((ids, mask))
 
-    generate = nnx.jit(gen.generate, static_argnums=3)
-
     def search_settings(max_new: int):
         return gen.SearchSettings(max_new_tokens=max_new, eos_ids=(_EOS.value,), pad_id=int(config.pad_token_id),
                                   num_beams=beams)
 
-    def ours_batch(ids, mask, settings) -> np.ndarray:
-        if _DATA_PARALLEL.value:
-            ids, mask = sharding.shard_batch((ids, mask), mesh)
-        return np.asarray(generate(model, ids, mask, settings).tokens)
+    state = nnx.split(model)[1]
+    programs = {}
 
     def ours(max_new: int) -> list[np.ndarray]:
-        settings = search_settings(max_new)
-        return [ours_batch(ids, mask, settings) for ids, mask in ours_inputs]
+        if max_new not in programs:
+            programs[max_new] = gen.compile_generate(model, search_settings(max_new), mesh)
+        program = programs[max_new]
+        return [np.asarray(program(state, *sharding.shard_batch((ids, mask), mesh)).tokens)
+                for ids, mask in ours_inputs]
 
     def hf(max_new: int, only_first: bool = False) -> list[np.ndarray]:
         out = []
@@ -207,12 +203,12 @@ def main(argv):
 
     def timed(max_new: int, label: str) -> dict:
         start = time.perf_counter()
-        ours_batch(*ours_inputs[0], search_settings(max_new))  # every batch has this shape: one compilation
+        ours(max_new)  # compiles one program per batch width
         first = time.perf_counter() - start
         start = time.perf_counter()
         hf(max_new, only_first=True)
         hf_warm = time.perf_counter() - start
-        print(f"[{label}] warm-up: ours first call (compilation + 1 batch) {first:.1f}s; transformers first "
+        print(f"[{label}] warm-up: ours first call (compilation + all batches) {first:.1f}s; transformers first "
               f"call {hf_warm:.1f}s", flush=True)
         t_ours, t_hf, box = [], [], {}
         for r in range(_REPEATS.value):
@@ -222,7 +218,7 @@ def main(argv):
             print(f"[{label}] round {r + 1}: ours {t_ours[-1]:.2f}s, transformers {t_hf[-1]:.2f}s for "
                   f"{len(batches)} batches; other processes kept {load.cores():.1f} of {os.cpu_count()} cores "
                   "busy meanwhile", flush=True)
-        return dict(ours=min(t_ours), hf=min(t_hf), compile=first - min(t_ours) / len(batches),
+        return dict(ours=min(t_ours), hf=min(t_hf), compile=first - min(t_ours),
                     ours_tokens=np.concatenate(box["ours"])[:real_rows],
                     hf_tokens=np.concatenate(box["hf"])[:real_rows])
 

@@ -132,15 +132,19 @@ def test_banned_bigram_matches_transformers_bad_words(gemma):
         assert_same_generation(ref, ours, ids, mask, settings, decoder_only=True)
 
 
-def test_sharded_generation_on_eight_devices_matches(eight_devices, gemma):
+@pytest.mark.parametrize("mesh_shape", [(4, 2), (1, 8)])
+def test_sharded_generation_on_eight_devices_matches(eight_devices, gemma, mesh_shape):
+    """The reader's program (compile_generate: prompt rows over every device, steps as the mesh says)
+    gives the one-device tokens on a data x model mesh and on a weights-only split (read.mesh_shape)."""
     _, _, ids, mask, eos = gemma
     ours = gemma_from_torch(tiny_torch_gemma(seed=2))
     ids, mask = np.concatenate([ids] * 2)[:8], np.concatenate([mask] * 2)[:8]
     settings = gen.SearchSettings(NEW_TOKENS, eos_ids=eos, pad_id=0, num_beams=2)
     single = _generate(ours, jnp.asarray(ids), jnp.asarray(mask), settings)
-    mesh = sharding.make_mesh((4, 2))
+    mesh = sharding.make_mesh(mesh_shape)
     sharding.shard_module(ours, mesh)
-    sharded = _generate(ours, *sharding.shard_batch((ids, mask), mesh), settings)
+    program = gen.compile_generate(ours, settings, mesh)
+    sharded = program(nnx.split(ours)[1], *sharding.shard_batch((ids, mask), mesh))
     assert sharded.tokens.sharding.spec[0] == "data"
     np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
     np.testing.assert_allclose(np.asarray(sharded.scores), np.asarray(single.scores), atol=1e-5)
@@ -166,6 +170,19 @@ def test_mt5_matches_transformers_generate(mt5, beams, penalty, early, banned):
     settings = gen.SearchSettings(NEW_TOKENS, eos_ids=eos, pad_id=0, num_beams=beams, length_penalty=penalty,
                                 early_stopping=early, banned_bigram=banned)
     assert_same_generation(ref, ours, ids, mask, settings, decoder_only=False)
+
+
+def test_sharded_mt5_generation_matches(eight_devices, mt5):
+    _, ours, ids, mask, eos = mt5
+    ours = nnx.clone(ours)
+    ids, mask = np.concatenate([ids] * 8)[:8], np.concatenate([mask] * 8)[:8]
+    settings = gen.SearchSettings(NEW_TOKENS, eos_ids=eos, pad_id=0, num_beams=3)
+    single = _generate(ours, jnp.asarray(ids), jnp.asarray(mask), settings)
+    mesh = sharding.make_mesh((1, 8))
+    sharding.shard_module(ours, mesh)
+    sharded = gen.compile_generate(ours, settings, mesh)(nnx.split(ours)[1], *sharding.shard_batch((ids, mask), mesh))
+    np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
+    np.testing.assert_allclose(np.asarray(sharded.scores), np.asarray(single.scores), atol=1e-5)
 
 
 def test_settings_are_checked():

@@ -39,12 +39,20 @@ def test_mgen_preset_decodes_as_eval_mgen():
 @pytest.mark.parametrize("key,value,message", [
     ("input_format", "chat", "choose one of"), ("model", "bert", "choose 'gemma3' or 'mt5'"),
     ("prompt_template", "{passages} only", "lacks the field {question}"), ("num_beams", 0, "must be positive"),
-    ("input_format", "mgen", "does not fit")])
+    ("input_format", "mgen", "does not fit"), ("mesh_shape", (1, 2, 4), "must be \\(data, model\\)")])
 def test_bad_reader_config_is_named(key, value, message):
     cfg = reader.default_config()
     cfg[key] = value
     with pytest.raises(ValueError, match=message):
         reader.validate_config(cfg)
+
+
+def test_reader_mesh_that_does_not_fit_the_devices_is_named(eight_devices):
+    cfg = reader.default_config()
+    cfg.checkpoint = "random"
+    cfg.mesh_shape = (3, -1)
+    with pytest.raises(ValueError, match=r"read.mesh_shape=\(3, -1\)"):
+        reader.Reader.from_config(cfg, sharding.make_mesh((8, 1)))
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,8 @@ _ACTIVATIONS = {
 # `layer_types`: every sixth layer is global.
 _DEFAULT_SLIDING_WINDOW_PATTERN = 6
 _MASKED = -1e9  # additive bias for hidden keys, float32 so it survives bf16 compute
-KVCache = tuple[jax.Array, jax.Array]  # one layer's keys and values, (batch, kv_heads, slots, head_dim) each
+# One layer's keys (batch, kv_heads, head_dim, slots) and values (batch, kv_heads, slots, head_dim).
+KVCache = tuple[jax.Array, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,9 +282,9 @@ def cached_attention_bias(positions: jax.Array, length: int, sliding_window: int
     return jnp.where(visible, 0.0, _MASKED).astype(jnp.float32)[:, None, None]
 
 
-def write_rows(cache: jax.Array, update: jax.Array, start: jax.Array) -> jax.Array:
-    """cache[r, :, start[r]:start[r]+T] = update[r] for every row r ((batch, heads, slots, dim) arrays)."""
-    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), s, axis=1))(
+def write_rows(cache: jax.Array, update: jax.Array, start: jax.Array, axis: int = 2) -> jax.Array:
+    """cache[r, ..., start[r]:start[r]+T (on `axis`), ...] = update[r] for every row r."""
+    return jax.vmap(lambda c, u, s: jax.lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), s, axis=axis - 1))(
         cache, update, start)
 
 
@@ -318,12 +319,16 @@ class Attention(nnx.Module):
         k = k * cos + _rotate_half(k) * sin
         return q, k, v
 
-    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, *,
+                keys_transposed: bool = False) -> jax.Array:
+        """Attention of (batch, heads, q, head_dim) queries over keys (batch, kv_heads, slots, head_dim),
+        or (batch, kv_heads, head_dim, slots) if `keys_transposed` (the cache's layout)."""
         dt = self.dtype
         b, n, t, d = q.shape
         # Query head j uses key/value head j // groups (HF's repeat_kv order).
         q = q.reshape(b, self.num_kv_heads, self.groups, t, d)
-        logits = jnp.einsum("bkgqd,bksd->bkgqs", q, k, preferred_element_type=jnp.float32) * self.scale
+        keys = "bkds" if keys_transposed else "bksd"
+        logits = jnp.einsum(f"bkgqd,{keys}->bkgqs", q, k, preferred_element_type=jnp.float32) * self.scale
         ctx = softmax_attention(logits + bias, v, "bkgqs,bksd->bkgqd", dt).reshape(b, n, t, d)
         return mixed_dot("bhqd,hde->bqe", ctx, self.o_kernel[...], dt)
 
@@ -338,10 +343,11 @@ class Attention(nnx.Module):
         (the tokens' positions), and `bias` (see :func:`cached_attention_bias`)
         hides every slot after a query's own position, so slots that still
         hold stale values (a right-padded prompt's padding) are never read.
+        Keys are cached transposed, slots last (see :meth:`Gemma3.init_cache`).
         """
         q, k, v = self._qkv(x, cos, sin)
-        cache = (write_rows(cache[0], k, start), write_rows(cache[1], v, start))
-        return self._attend(q, *cache, bias), cache
+        cache = (write_rows(cache[0], k.transpose(0, 1, 3, 2), start, axis=3), write_rows(cache[1], v, start))
+        return self._attend(q, *cache, bias, keys_transposed=True), cache
 
 
 class FeedForward(nnx.Module):
@@ -462,15 +468,20 @@ class Gemma3(nnx.Module):
         return self._layers(x, rope, biases)
 
     def init_cache(self, batch: int, length: int) -> list[KVCache]:
-        """Zeroed keys and values for `length` positions, per layer: (batch, kv_heads, length, head_dim) each.
+        """Zeroed keys (batch, kv_heads, head_dim, length) and values (batch, kv_heads, length, head_dim) per layer.
 
-        Every layer keeps all positions, sliding ones included: the window is
-        applied by the attention bias, which keeps one code path and one
-        cache shape (a 270M model's cache is small next to its weights).
+        Keys are stored slots last, the layout the query-key product reads as
+        it is: with slots second to last, XLA's CPU backend copied every
+        layer's whole key cache into that layout at each decoding step (a
+        sixth of a Gemma-3-270M step). Every layer keeps all positions,
+        sliding ones included: the window is applied by the attention bias,
+        which keeps one code path and one cache shape (a 270M model's cache is
+        small next to its weights).
         """
         cfg = self.config
-        shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
-        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers]
+        keys = (batch, cfg.num_key_value_heads, cfg.head_dim, length)
+        values = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
+        return [(jnp.zeros(keys, self.dtype), jnp.zeros(values, self.dtype)) for _ in self.layers]
 
     def hidden_states_cached(self, ids: jax.Array, start: jax.Array,
                              cache: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
@@ -485,7 +496,7 @@ class Gemma3(nnx.Module):
         normalizer = jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
         x = jnp.take(self.embed[...], ids, axis=0).astype(self.dtype) * normalizer
         rope = self._rope_tables(ids.shape[1], positions)
-        length = cache[0][0].shape[2]
+        length = cache[0][1].shape[2]
         biases = {t: cached_attention_bias(positions, length, cfg.sliding_window if t == "sliding_attention" else None)
                   for t in set(cfg.layer_types)}
         updated = []

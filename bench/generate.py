@@ -20,7 +20,9 @@ Gemma-3-270M of the packaged GGUF, float32 on both sides:
 Both generate exactly --max_new_tokens tokens per row: the end-of-sequence id
 is one the model never produces (--eos_id, ``<unused0>``), checked afterwards.
 Greedy decoding is the headline; --num_beams > 1 runs beam search on both
-sides (length penalty 1, transformers' default early stopping).
+sides (length penalty 1, transformers' default early stopping). --model=mt5_small
+runs the same comparison on a random mT5-small-shaped encoder-decoder (mGEN's
+architecture; pick an --eos_id the prompts do not hold, e.g. 250100).
 
 Each side is warmed up untimed (ours: the compilation, on the first batch's
 shape; transformers: one call), then both are timed in --repeats interleaved
@@ -55,6 +57,9 @@ _EOS = flags.DEFINE_integer("eos_id", 6, "End-of-sequence id given to both sides
                             "(6 is <unused0>), so that every row runs to --max_new_tokens.")
 _MESH = flags.DEFINE_list("mesh_shape", ["1", "-1"], "Ours: the (data, model) mesh. 1,-1 (read.mesh_shape's default) "
                           "splits heads, MLP and vocabulary over the cores; -1,1 splits the rows instead.")
+_MODEL = flags.DEFINE_enum("model", "gemma3", ["gemma3", "mt5_small"], "gemma3: the real Gemma-3-270M; mt5_small: "
+                            "a random mT5-small-shaped encoder-decoder (mGEN's architecture; random weights, the "
+                            "e5 tokenizer's 250k vocabulary), the same weights on both sides.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also time both at max_new_tokens=1 (prefill + one token) to "
                                "split the time into prefill and per-step decode (one more compilation).")
 
@@ -107,6 +112,42 @@ def agreement(a, b) -> tuple[int, list[str]]:
     return same, notes
 
 
+def load_gemma():
+    """Ours and transformers' Gemma-3-270M from the packaged GGUF (tests/test_gemma.py checks they are equal)."""
+    import torch
+    import transformers
+
+    from umr_jax.models import gemma_weights
+
+    path = gemma_weights.default_gguf_path()
+    config, weights = gemma_weights.read_gguf(path)
+    model = gemma_weights.build_gemma(config, random_init=False)
+    gemma_weights.load_hf_weights(model, weights, path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+    return model, gemma_weights.load_gguf_tokenizer(path), ref, config
+
+
+def random_mt5():
+    """A seeded random mT5-small-shaped model (untied head, as mT5), ours loaded from transformers' weights."""
+    import torch
+    import transformers
+
+    from umr_jax.models import t5_weights
+    from umr_jax.models.hf_checkpoint import default_e5_tokenizer_file, load_tokenizer
+    from umr_jax.models.t5 import T5Config
+
+    shape = dict(vocab_size=250_112, d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8,
+                 num_heads=6, tie_word_embeddings=False)
+    torch.manual_seed(_SEED.value)
+    ref = transformers.MT5ForConditionalGeneration(transformers.MT5Config(**shape)).eval()
+    ref.lm_head.weight = torch.nn.Parameter(torch.randn_like(ref.shared.weight) * 0.05)
+    config = T5Config(**shape)
+    model = t5_weights.build_mt5(config, random_init=False)
+    t5_weights.load_hf_weights(model, {k: v.detach().numpy() for k, v in ref.state_dict().items()}, "random mT5")
+    return model, load_tokenizer(default_e5_tokenizer_file()), ref, config
+
+
 def main(argv):
     del argv
     import jax
@@ -118,7 +159,6 @@ def main(argv):
     from umr_jax import generate as gen
     from umr_jax import sharding
     from umr_jax.batching import pad_rows
-    from umr_jax.models import gemma_weights
 
     torch.set_num_threads(os.cpu_count() or 1)
     batch_size, new_tokens, beams = _BATCH.value, _NEW.value, _BEAMS.value
@@ -127,23 +167,14 @@ def main(argv):
           f"torch {torch.__version__} with {torch.get_num_threads()} threads; transformers "
           f"{transformers.__version__}", flush=True)
 
-    # --- the model, twice from one file ---
+    # --- the model, the same weights on both sides ---
     start = time.perf_counter()
-    path = gemma_weights.default_gguf_path()
-    config, weights = gemma_weights.read_gguf(path)
-    tokenizer = gemma_weights.load_gguf_tokenizer(path)
-    model = gemma_weights.build_gemma(config, random_init=False)
-    gemma_weights.load_hf_weights(model, weights, path)
-    del weights
+    decoder_only = _MODEL.value == "gemma3"
+    model, tokenizer, ref, config = load_gemma() if decoder_only else random_mt5()
     mesh = sharding.make_mesh(tuple(int(x) for x in _MESH.value))
     sharding.shard_module(model, mesh)
-    print(f"ours: loaded {os.path.basename(path)} in {time.perf_counter() - start:.1f}s; mesh {dict(mesh.shape)}",
-          flush=True)
-    start = time.perf_counter()
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-    print(f"transformers: loaded in {time.perf_counter() - start:.1f}s ({type(ref).__name__}, attention "
-          f"{ref.config._attn_implementation})", flush=True)
+    print(f"{_MODEL.value}: both loaded in {time.perf_counter() - start:.1f}s; ours on mesh {dict(mesh.shape)}; "
+          f"transformers {type(ref).__name__}, attention {ref.config._attn_implementation}", flush=True)
 
     # --- the prompts, batched the same way for both ---
     prompts = reader_prompts(tokenizer, _DATA.value, _NUM.value, _MIN_TOKENS.value, _MAX_TOKENS.value, _SEED.value)
@@ -156,7 +187,8 @@ def main(argv):
     real_rows = len(prompts)
     print(f"{len(prompts)} prompts ({', '.join(sorted({lang for lang, _ in prompts}))}), {np.mean(lengths):.0f} "
           f"tokens on average ({min(lengths)}..{max(lengths)}); {len(batches)} batches of {batch_size}, padded to "
-          f"each batch's longest (ours: on the right, to a multiple of 8; transformers: on the left); "
+          f"each batch's longest (ours: on the right, to a multiple of 8; transformers: on the "
+          f"{'left' if decoder_only else 'right'}); "
           f"{new_tokens} new tokens per row, {'greedy' if beams == 1 else f'beam search, {beams} beams'}; "
           f"eos id {_EOS.value} "
           f"({tokenizer.convert_ids_to_tokens(_EOS.value)})", flush=True)
@@ -167,13 +199,14 @@ def main(argv):
         ids, mask = pad_rows([x for _, x in batch], len(batch), width, int(config.pad_token_id))
         ours_inputs.append((ids, mask))
     hf_inputs = []
-    for batch in batches:
+    for batch in batches:  # a decoder-only LM continues on the right: its prompts are padded on the left
         longest = max(len(x) for _, x in batch)
         ids = torch.full((len(batch), longest), int(config.pad_token_id), dtype=torch.long)
         mask = torch.zeros((len(batch), longest), dtype=torch.long)
         for row, (_, x) in enumerate(batch):
-            ids[row, longest - len(x):] = torch.tensor(x)
-            mask[row, longest - len(x):] = 1
+            cols = slice(longest - len(x), longest) if decoder_only else slice(0, len(x))
+            ids[row, cols] = torch.tensor(x)
+            mask[row, cols] = 1
         hf_inputs.append((ids, mask))
 
     def search_settings(max_new: int):
@@ -198,7 +231,7 @@ def main(argv):
                                     num_beams=beams, use_cache=True, eos_token_id=[_EOS.value],
                                     pad_token_id=int(config.pad_token_id), length_penalty=1.0,
                                     early_stopping=False, top_k=None, top_p=None)
-                out.append(seqs[:, ids.shape[1]:].numpy())
+                out.append(seqs[:, ids.shape[1] if decoder_only else 1:].numpy())
         return out
 
     def timed(max_new: int, label: str) -> dict:

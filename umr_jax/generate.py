@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from umr_jax import sharding
 from umr_jax.models.gemma import Gemma3
-from umr_jax.models.t5 import MT5
+from umr_jax.models.t5 import MT5, DecoderCache
 
 _NEG = -1.0e9  # transformers' mask value in beam search; float32 like theirs
 
@@ -79,8 +79,11 @@ class Generated:
 
 
 # A step feeds token i of every row (batch,) and returns the next logits (batch, vocab)
-# and the new cache; `cache` is everything that beam search reorders.
-StepFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+# and the new state. The state is a pair (fixed, cache): `fixed` holds what all beams of
+# one input share and no step changes (prompt lengths, mT5's cross-attention keys and
+# values), so beam search never reorders it (reordering within an input's beams would
+# copy it unchanged, every step); `cache` holds what each hypothesis owns.
+StepFn = Callable[[tuple[Any, Any], jax.Array, jax.Array], tuple[jax.Array, tuple[Any, Any]]]
 
 
 def _is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -208,8 +211,9 @@ def beam_search(first_logits: jax.Array, cache: Any, step: StepFn, settings: Sea
         fed = jax.lax.dynamic_index_in_dim(running_tokens, i, axis=2, keepdims=False).reshape(-1)
 
         def advance():
-            reordered = jax.tree.map(lambda x: jnp.take(x, flat_parent, axis=0), carry["cache"])
-            return step(reordered, fed, i)
+            # Parents are beams of the same input, whose `fixed` rows are equal: only the cache moves.
+            fixed, cache = carry["cache"]
+            return step((fixed, jax.tree.map(lambda x: jnp.take(x, flat_parent, axis=0), cache)), fed, i)
 
         logits, cache = jax.lax.cond(go, advance, lambda: (carry["logits"], carry["cache"]))
         return dict(i=generated, go=go, logits=logits, cache=cache, previous=fed, running_tokens=running_tokens,
@@ -273,15 +277,14 @@ def _generate_gemma(model: Gemma3, ids: jax.Array, mask: jax.Array, settings: Se
     hidden, cache = model.hidden_states_cached(_split_rows(ids, prompt_rows), jnp.zeros((batch,), jnp.int32), cache)
     hidden, cache = _split_rows((hidden, cache), step_rows)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    state = (cache, lengths)
 
     def step(state, token, i):
-        cache, lengths = state
+        lengths, cache = state
         hidden, cache = model.hidden_states_cached(token[:, None], lengths + i, cache)
-        return model.logits(hidden[:, 0]), (cache, lengths)
+        return model.logits(hidden[:, 0]), (lengths, cache)
 
     previous = jnp.take_along_axis(ids, (lengths - 1)[:, None], axis=1)[:, 0].astype(jnp.int32)
-    return search(model.logits(last), state, step, settings, previous)
+    return search(model.logits(last), (lengths, cache), step, settings, previous)
 
 
 def _generate_t5(model: MT5, ids: jax.Array, mask: jax.Array, settings: SearchSettings,
@@ -296,11 +299,13 @@ def _generate_t5(model: MT5, ids: jax.Array, mask: jax.Array, settings: SearchSe
     start = jnp.full((ids.shape[0],), cfg.decoder_start_token_id, jnp.int32)
     hidden, cache = model.decode_step(start, jnp.int32(0), cache)
 
-    def step(cache, token, i):
-        hidden, cache = model.decode_step(token, i + 1, cache)
-        return model.logits(hidden), cache
+    def step(state, token, i):
+        (cross_kv, cross_mask_bias), self_kv = state
+        hidden, cache = model.decode_step(token, i + 1, DecoderCache(self_kv, cross_kv, cross_mask_bias))
+        return model.logits(hidden), ((cache.cross_kv, cache.cross_mask_bias), cache.self_kv)
 
-    return search(model.logits(hidden), cache, step, settings, start)
+    state = ((cache.cross_kv, cache.cross_mask_bias), cache.self_kv)
+    return search(model.logits(hidden), state, step, settings, start)
 
 
 def generate(model: nnx.Module, ids: jax.Array, mask: jax.Array, settings: SearchSettings,

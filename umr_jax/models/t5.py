@@ -525,7 +525,8 @@ class DecoderCache:
 
     `self_kv` (per layer, (batch, heads, target_slots, d_kv) each) grows one
     slot a step; the rest is computed once from the encoder output. Every
-    leaf has one row per sequence, so beam search reorders them alike.
+    leaf has one row per sequence; beam search reorders only `self_kv` (an
+    input's beams share the rest, see ``generate.StepFn``).
     """
 
     self_kv: list[tuple[jax.Array, jax.Array]]

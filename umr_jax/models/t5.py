@@ -320,13 +320,24 @@ class Attention(nnx.Module):
         return self.attend(q, *self.keys_values(context), position_bias, mask_bias, deterministic=deterministic)
 
     def keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Keys and values of `context`, (batch, heads, length, d_kv): what a decoding cache holds."""
+        """Keys and values of `context`, (batch, heads, length, d_kv)."""
         return self._project(context, self.k_kernel), self._project(context, self.v_kernel)
 
+    def cached_keys_values(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """What a decoding cache holds: keys (batch, heads, d_kv, length), slots last, and values
+        (batch, heads, length, d_kv). With slots second to last, XLA's CPU backend copied every
+        layer's keys into the query-key product's layout at each decoding step."""
+        k, v = self.keys_values(context)
+        return k.transpose(0, 1, 3, 2), v
+
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, position_bias: jax.Array | None,
-               mask_bias: jax.Array, *, deterministic: bool) -> jax.Array:
-        """Projected queries over keys/values -> the output projection (batch, queries, d_model)."""
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) + mask_bias
+               mask_bias: jax.Array, *, deterministic: bool, keys_transposed: bool = False) -> jax.Array:
+        """Projected queries over keys/values -> the output projection (batch, queries, d_model).
+
+        Keys are (batch, heads, length, d_kv), or (batch, heads, d_kv, length)
+        if `keys_transposed` (the decoding cache's layout)."""
+        keys = "bhdk" if keys_transposed else "bhkd"
+        logits = jnp.einsum(f"bhqd,{keys}->bhqk", q, k, preferred_element_type=jnp.float32) + mask_bias
         if position_bias is not None:
             logits = logits + position_bias
         ctx = softmax_attention(logits, v, "bhqk,bhkd->bhqd", self.dtype,
@@ -426,14 +437,14 @@ class DecoderLayer(_Block):
         """One decoding position `t` (x: (batch, 1, d_model)) over the self-attention cache and the
         precomputed cross-attention keys/values; the token's keys/values are written at slot t first."""
         h = self.self_attention_norm(x)
-        k, v = self.self_attention.keys_values(h)
-        cache = tuple(jax.lax.dynamic_update_slice_in_dim(c, u.astype(c.dtype), t, axis=2)
-                      for c, u in zip(cache, (k, v), strict=True))
+        k, v = self.self_attention.cached_keys_values(h)
+        cache = (jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), t, axis=3),
+                 jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), t, axis=2))
         x = x + self.self_attention.attend(self.self_attention.query(h), *cache, position_bias, self_mask_bias,
-                                           deterministic=True)
+                                           deterministic=True, keys_transposed=True)
         h = self.cross_attention_norm(x)
         x = x + self.cross_attention.attend(self.cross_attention.query(h), *cross_kv, None, cross_mask_bias,
-                                            deterministic=True)
+                                            deterministic=True, keys_transposed=True)
         return x + self.ffn(self.ffn_norm(x), deterministic=True), cache
 
 
@@ -505,7 +516,7 @@ class Decoder(_Stack):
         Equals row t of :meth:`__call__` over the whole target: the same
         relative position bias row, and keys after t are masked.
         """
-        length = state.self_kv[0][0].shape[2]
+        length = state.self_kv[0][1].shape[2]
         # Row t of the (length x length) causal bias: a gather from the small
         # table, cheaper than carrying a per-row copy through beam reordering.
         full_bias = self.layers[0].self_attention.position_bias(length, length)
@@ -523,7 +534,8 @@ class Decoder(_Stack):
 class DecoderCache:
     """What incremental decoding keeps per row: self-attention keys/values, cross-attention keys/values.
 
-    `self_kv` (per layer, (batch, heads, target_slots, d_kv) each) grows one
+    `self_kv` (per layer, keys (batch, heads, d_kv, target_slots) and values
+    (batch, heads, target_slots, d_kv); cross keys are slots last too) grows one
     slot a step; the rest is computed once from the encoder output. Every
     leaf has one row per sequence; beam search reorders only `self_kv` (an
     input's beams share the rest, see ``generate.StepFn``).
@@ -601,10 +613,11 @@ class MT5(nnx.Module):
         """The decoding state for `length` target positions: cross keys/values from `encoded`, empty self cache."""
         cfg = self.config
         layers = self.decoder.layers
-        shape = (encoded.shape[0], cfg.num_heads, length, cfg.d_kv)
+        keys, values = (encoded.shape[0], cfg.num_heads, cfg.d_kv, length), (encoded.shape[0], cfg.num_heads, length,
+                                                                            cfg.d_kv)
         return DecoderCache(
-            self_kv=[(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in layers],
-            cross_kv=[layer.cross_attention.keys_values(encoded) for layer in layers],
+            self_kv=[(jnp.zeros(keys, self.dtype), jnp.zeros(values, self.dtype)) for _ in layers],
+            cross_kv=[layer.cross_attention.cached_keys_values(encoded) for layer in layers],
             cross_mask_bias=_key_bias(encoder_mask))
 
     def decode_step(self, token: jax.Array, t: jax.Array, cache: DecoderCache) -> tuple[jax.Array, DecoderCache]:

@@ -134,8 +134,8 @@ def test_banned_bigram_matches_transformers_bad_words(gemma):
 
 @pytest.mark.parametrize("mesh_shape", [(4, 2), (1, 8)])
 def test_sharded_generation_on_eight_devices_matches(eight_devices, gemma, mesh_shape):
-    """The reader's program (compile_generate: prompt rows over every device, steps as the mesh says)
-    gives the one-device tokens on a data x model mesh and on a weights-only split (read.mesh_shape)."""
+    """The reader's program (compile_generate) gives the one-device tokens on a data x model mesh
+    and on a weights-only split (read.mesh_shape's default)."""
     _, _, ids, mask, eos = gemma
     ours = gemma_from_torch(tiny_torch_gemma(seed=2))
     ids, mask = np.concatenate([ids] * 2)[:8], np.concatenate([mask] * 2)[:8]

@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from umr_jax import sharding
 from umr_jax.models.gemma import Gemma3
@@ -249,33 +249,12 @@ def search(first_logits: jax.Array, cache: Any, step: StepFn, settings: SearchSe
 # ----------------------------------------------------------------------------- the models
 
 
-def _split_rows(x: Any, rows: Any) -> Any:
-    return x if rows is None else jax.lax.with_sharding_constraint(x, rows)
-
-
-@dataclasses.dataclass(frozen=True)
-class RowSplits:
-    """Where the rows go (shardings of the leading dimension) in the prompt pass and in the decoding steps.
-
-    The prompt pass is compute-bound, so its rows are best spread over every
-    device; a decoding step reads every weight for a few rows, so its rows
-    are best kept together on weights split over the devices. Without these
-    constraints the compiler carries the prompt pass's split into the loop.
-    """
-
-    prompt: Any
-    steps: Any
-
-
-def _generate_gemma(model: Gemma3, ids: jax.Array, mask: jax.Array, settings: SearchSettings,
-                    rows: RowSplits | None) -> Generated:
+def _generate_gemma(model: Gemma3, ids: jax.Array, mask: jax.Array, settings: SearchSettings) -> Generated:
     """Prefill right-padded prompts, then decode each row from its own prompt length."""
     lengths = mask.sum(-1).astype(jnp.int32)
     batch, prompt = ids.shape
-    prompt_rows, step_rows = (None, None) if rows is None else (rows.prompt, rows.steps)
-    cache = _split_rows(model.init_cache(batch, prompt + settings.max_new_tokens - 1), prompt_rows)
-    hidden, cache = model.hidden_states_cached(_split_rows(ids, prompt_rows), jnp.zeros((batch,), jnp.int32), cache)
-    hidden, cache = _split_rows((hidden, cache), step_rows)
+    cache = model.init_cache(batch, prompt + settings.max_new_tokens - 1)
+    hidden, cache = model.hidden_states_cached(ids, jnp.zeros((batch,), jnp.int32), cache)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
 
     def step(state, token, i):
@@ -287,14 +266,10 @@ def _generate_gemma(model: Gemma3, ids: jax.Array, mask: jax.Array, settings: Se
     return search(model.logits(last), (lengths, cache), step, settings, previous)
 
 
-def _generate_t5(model: MT5, ids: jax.Array, mask: jax.Array, settings: SearchSettings,
-                 rows: RowSplits | None) -> Generated:
+def _generate_t5(model: MT5, ids: jax.Array, mask: jax.Array, settings: SearchSettings) -> Generated:
     """Encode once, start from the decoder start token at position 0, decode one position a step."""
     cfg = model.config
-    if rows is not None:
-        encoded = _split_rows(model.encode(_split_rows(ids, rows.prompt), _split_rows(mask, rows.prompt)), rows.steps)
-    else:
-        encoded = model.encode(ids, mask)
+    encoded = model.encode(ids, mask)
     cache = model.init_decoder_cache(encoded, mask, settings.max_new_tokens)
     start = jnp.full((ids.shape[0],), cfg.decoder_start_token_id, jnp.int32)
     hidden, cache = model.decode_step(start, jnp.int32(0), cache)
@@ -308,17 +283,12 @@ def _generate_t5(model: MT5, ids: jax.Array, mask: jax.Array, settings: SearchSe
     return search(model.logits(hidden), state, step, settings, start)
 
 
-def generate(model: nnx.Module, ids: jax.Array, mask: jax.Array, settings: SearchSettings,
-             rows: RowSplits | None = None) -> Generated:
-    """New tokens for a batch of right-padded prompts (`mask` marks real tokens); traceable under jit.
-
-    `rows` (under jit on a mesh) places the rows of the prompt pass (Gemma's
-    prefill, mT5's encoder) and of the decoding steps (see :func:`compile_generate`).
-    """
+def generate(model: nnx.Module, ids: jax.Array, mask: jax.Array, settings: SearchSettings) -> Generated:
+    """New tokens for a batch of right-padded prompts (`mask` marks real tokens); traceable under jit."""
     if isinstance(model, Gemma3):
-        return _generate_gemma(model, ids, mask, settings, rows)
+        return _generate_gemma(model, ids, mask, settings)
     if isinstance(model, MT5):
-        return _generate_t5(model, ids, mask, settings, rows)
+        return _generate_t5(model, ids, mask, settings)
     raise TypeError(f"generation supports Gemma3 and MT5 models, not {type(model).__name__}")
 
 
@@ -334,11 +304,7 @@ def compile_generate(model: nnx.Module, settings: SearchSettings, mesh: Mesh,
     graphdef, state = nnx.split(model)
 
     def run(state, ids, mask):
-        rows = None
-        if ids.shape[0] % mesh.devices.size == 0:
-            rows = RowSplits(prompt=NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names))),
-                             steps=sharding.batch_sharding(mesh, 1, rules))
-        return generate(nnx.merge(graphdef, state), ids, mask, settings, rows)
+        return generate(nnx.merge(graphdef, state), ids, mask, settings)
 
     def rows(ndim: int):
         return sharding.batch_sharding(mesh, ndim, rules)

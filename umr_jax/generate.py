@@ -274,13 +274,15 @@ def _generate_t5(model: MT5, ids: jax.Array, mask: jax.Array, settings: SearchSe
     start = jnp.full((ids.shape[0],), cfg.decoder_start_token_id, jnp.int32)
     hidden, cache = model.decode_step(start, jnp.int32(0), cache)
 
+    def split(cache: DecoderCache) -> tuple[Any, Any]:  # (fixed, cache): see StepFn
+        return (cache.cross_kv, cache.cross_mask_bias), cache.self_kv
+
     def step(state, token, i):
         (cross_kv, cross_mask_bias), self_kv = state
         hidden, cache = model.decode_step(token, i + 1, DecoderCache(self_kv, cross_kv, cross_mask_bias))
-        return model.logits(hidden), ((cache.cross_kv, cache.cross_mask_bias), cache.self_kv)
+        return model.logits(hidden), split(cache)
 
-    state = ((cache.cross_kv, cache.cross_mask_bias), cache.self_kv)
-    return search(model.logits(hidden), state, step, settings, start)
+    return search(model.logits(hidden), split(cache), step, settings, start)
 
 
 def generate(model: nnx.Module, ids: jax.Array, mask: jax.Array, settings: SearchSettings) -> Generated:

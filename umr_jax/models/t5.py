@@ -613,8 +613,8 @@ class MT5(nnx.Module):
         """The decoding state for `length` target positions: cross keys/values from `encoded`, empty self cache."""
         cfg = self.config
         layers = self.decoder.layers
-        keys, values = (encoded.shape[0], cfg.num_heads, cfg.d_kv, length), (encoded.shape[0], cfg.num_heads, length,
-                                                                            cfg.d_kv)
+        keys = (encoded.shape[0], cfg.num_heads, cfg.d_kv, length)
+        values = (encoded.shape[0], cfg.num_heads, length, cfg.d_kv)
         return DecoderCache(
             self_kv=[(jnp.zeros(keys, self.dtype), jnp.zeros(values, self.dtype)) for _ in layers],
             cross_kv=[layer.cross_attention.cached_keys_values(encoded) for layer in layers],

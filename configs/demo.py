@@ -12,7 +12,9 @@ retriever's top k = 8 for 64 training queries = 512 teacher pairs, 16
 training steps, then the corpus re-encoded and the dev questions re-scored.
 
 Sized to finish within 15 minutes, pip included, on a 2-core CPU without bf16
-units (float32 everywhere). Where it was shrunk, and what that cost (all on
+units (float32 everywhere): 6 min 21 s on a 2-core Xeon without AMX, but 19 min
+55 s on a 2-core AMD EPYC whose float32 matmuls peak at 69 GFLOP/s (docs/demo.md),
+so not yet on every such CPU. Where it was shrunk, and what that cost (all on
 the same 2,145 dev questions, 2-core Xeon with the teacher in float32):
 k = 16 -> 8 and 96 training queries gave mAP@20 +0.070 after round 1 (two
 rounds, 11 min 24 s); 64 queries +0.050 (9 min 36 s for two rounds); 48
